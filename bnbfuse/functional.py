@@ -1,0 +1,240 @@
+"""Blockwise quantization with bitsandbytes' signatures.
+
+Example:
+    >>> import torch, bnbfuse.functional as F
+    >>> x = torch.randn(1000)
+    >>> codes, state = F.quantize_blockwise(x, blocksize=256)
+    >>> codes.dtype, state.absmax.shape
+    (torch.uint8, torch.Size([4]))
+    >>> y = F.dequantize_blockwise(codes, state)
+    >>> bool((y - x).abs().max() < 0.03)
+    True
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from . import _ops  # noqa: F401  (declares the ops)
+from . import backends  # noqa: F401  (registers their kernels)
+
+__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantState"]
+
+_MAP_CACHE: dict = {}
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The dynamic (tree) quantization map of Dettmers et al., bit-identical to bitsandbytes'.
+
+    Decade k (0 .. max_exponent_bits-1) holds the midpoints of ``linspace(0.1, 1, n+1)``
+    (float32) times ``10**(k - max_exponent_bits + 1)``, with ``n = 2**(k + t)`` values per
+    sign when ``signed`` (``t = total_bits - 1 - max_exponent_bits``) and ``2**(k + t + 1)``
+    when not; then 0 and 1.0 (a signed map has no -1). Returned sorted, float32, with
+    ``2**total_bits`` entries.
+
+    Args:
+        signed: both signs (optimizer first moments) or non-negative only (second moments).
+        max_exponent_bits: number of decades.
+        total_bits: bits per code.
+
+    Returns:
+        Tensor of shape ``(2**total_bits,)``, dtype float32.
+
+    Example:
+        >>> m = create_dynamic_map(signed=False)
+        >>> m.shape, float(m[0]), float(m[-1])
+        (torch.Size([256]), 0.0, 1.0)
+    """
+    values: list[float] = []
+    value_bits = total_bits - 1
+    extra = 2 ** (value_bits - max_exponent_bits) - 1
+    decades = [(k, 2 ** (k + value_bits - max_exponent_bits + (0 if signed else 1)))
+               for k in range(max_exponent_bits)]
+    if extra > 0:
+        decades.append((max_exponent_bits - 1, extra))
+    for k, n in decades:
+        edges = torch.linspace(0.1, 1, n + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        scaled = midpoints * torch.tensor(10.0 ** (k - max_exponent_bits + 1), dtype=torch.float32)
+        values += scaled.tolist()
+        if signed:
+            values += (-scaled).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (2**total_bits - len(values))
+    if len(values) != 2**total_bits:
+        raise ValueError(f"{max_exponent_bits} exponent bits do not fit in {total_bits} bits")
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
+    """Cached 8-bit dynamic map on ``device`` (do not modify the result)."""
+    key = (signed, str(torch.device(device) if device is not None else "cpu"))
+    if key not in _MAP_CACHE:
+        _MAP_CACHE[key] = create_dynamic_map(signed).to(key[1])
+    return _MAP_CACHE[key]
+
+
+@dataclass
+class QuantState:
+    """What dequantization needs besides the codes (bitsandbytes' ``QuantState``).
+
+    Attributes:
+        absmax: per-block scale, float32 of shape ``(blocks,)`` (codes of it when nested).
+        shape: shape of the original tensor.
+        code: the 256-value map.
+        blocksize: elements per block.
+        dtype: dtype of the original tensor (and of dequantized output).
+        quant_type: ``"blockwise8"``.
+        offset: mean subtracted from absmax before nesting (nested only).
+        state2: QuantState of the absmax quantization (nested only).
+    """
+
+    absmax: torch.Tensor
+    shape: Optional[torch.Size] = None
+    code: Optional[torch.Tensor] = None
+    blocksize: int = 4096
+    dtype: torch.dtype = torch.float32
+    quant_type: str = "blockwise8"
+    offset: Optional[torch.Tensor] = None
+    state2: Optional["QuantState"] = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    def to(self, device) -> "QuantState":
+        self.absmax = self.absmax.to(device)
+        if self.code is not None:
+            self.code = self.code.to(device)
+        if self.offset is not None:
+            self.offset = self.offset.to(device)
+        if self.state2 is not None:
+            self.state2.to(device)
+        return self
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """Tensors and plain values; with ``packed`` the non-tensors go into one uint8 tensor
+        under ``quant_state.bitsandbytes__<quant_type>`` (for ``state_dict`` use)."""
+        d: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            d.update({
+                "nested_absmax": self.state2.absmax,
+                "nested_blocksize": self.state2.blocksize,
+                "nested_quant_map": self.state2.code,
+                "nested_dtype": str(self.state2.dtype).removeprefix("torch."),
+                "nested_offset": self.offset.item(),
+            })
+        if not packed:
+            return d
+        tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+        plain = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+        blob = torch.frombuffer(bytearray(json.dumps(plain).encode()), dtype=torch.uint8)
+        tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = blob
+        return tensors
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device=None) -> "QuantState":
+        """Inverse of :meth:`as_dict` (packed or not)."""
+        d = dict(qs_dict)
+        packed = [k for k in d if "bitsandbytes__" in k]
+        if len(packed) > 1:
+            raise ValueError(f"more than one packed quant state in dict: {packed}")
+        if packed:
+            d.update(json.loads(bytes(d.pop(packed[0]).cpu().numpy()).decode()))
+        d = {k.split(".")[-1]: v for k, v in d.items()}
+        missing = {"absmax", "blocksize", "quant_map", "dtype"} - d.keys()
+        if missing:
+            raise KeyError(f"quant state dict lacks {sorted(missing)}")
+        device = device if device is not None else d["absmax"].device
+        state2 = offset = None
+        if "nested_absmax" in d:
+            offset = torch.tensor(float(d["nested_offset"]), device=device)
+            state2 = cls(absmax=d["nested_absmax"].to(device), blocksize=d["nested_blocksize"],
+                         code=d["nested_quant_map"].to(device),
+                         dtype=getattr(torch, d["nested_dtype"]))
+        shape = torch.Size(d["shape"]) if d.get("shape") is not None else None
+        return cls(absmax=d["absmax"].to(device), shape=shape, code=d["quant_map"].to(device),
+                   blocksize=int(d["blocksize"]), dtype=getattr(torch, d["dtype"]),
+                   quant_type=d.get("quant_type", "blockwise8"), offset=offset, state2=state2)
+
+
+def _check_input(A: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(A).__name__}")
+    if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"quantize_blockwise takes float32, float16 or bfloat16, got {A.dtype}")
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+
+
+def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
+                       absmax: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                       blocksize: int = 4096, nested: bool = False):
+    """Quantizes ``A`` in blocks of ``blocksize`` elements to 8-bit codes of ``code``.
+
+    Each block is divided by its absolute maximum and every element is rounded to the
+    nearest map value (exactly; ties to the larger value). Any shape, contiguous or not;
+    float32, float16 or bfloat16.
+
+    Args:
+        A: tensor to quantize.
+        code: 256-value map; default the signed dynamic map.
+        absmax: optional float32 output buffer for the block maxima.
+        out: optional uint8 output buffer of A's shape.
+        blocksize: elements per block (64 .. 4096 typical).
+        nested: also quantize the absmax values (blocks of 256) after removing their mean.
+
+    Returns:
+        ``(codes, QuantState)``: codes is uint8 of A's shape.
+    """
+    _check_input(A, blocksize)
+    if code is None:
+        code = dynamic_map(True, A.device)
+    codes, amax = torch.ops.bnbfuse.quantize_blockwise(A, code.to(A.device), blocksize)
+    if out is not None:
+        codes = out.copy_(codes.view(out.shape))
+    if absmax is not None:
+        amax = absmax.copy_(amax.view(absmax.shape))
+    state = QuantState(absmax=amax, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
+    if nested:
+        offset = amax.mean()
+        qabs, state2 = quantize_blockwise(amax - offset, blocksize=256)
+        state.absmax, state.offset, state.state2 = qabs, offset, state2
+    return codes, state
+
+
+def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = None,
+                         absmax: Optional[torch.Tensor] = None, code: Optional[torch.Tensor] = None,
+                         out: Optional[torch.Tensor] = None, blocksize: int = 4096,
+                         nested: bool = False) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax[block]`` in the original dtype.
+
+    Pass either ``quant_state`` or ``absmax`` (plus ``code``/``blocksize`` when not default).
+    """
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.uint8:
+        raise TypeError(f"dequantize_blockwise takes uint8 codes, got "
+                        f"{getattr(A, 'dtype', type(A).__name__)}")
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize,
+                                 dtype=out.dtype if out is not None else torch.float32)
+    amax = quant_state.absmax
+    if quant_state.nested:
+        amax = dequantize_blockwise(amax, quant_state.state2) + quant_state.offset
+    qcode = quant_state.code if quant_state.code is not None else dynamic_map(True, A.device)
+    result = torch.ops.bnbfuse.dequantize_blockwise(A, amax.to(torch.float32), qcode.to(A.device),
+                                                    quant_state.blocksize, quant_state.dtype)
+    if out is not None:
+        return out.copy_(result.view(out.shape))
+    return result

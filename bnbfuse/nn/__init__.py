@@ -1,0 +1,1 @@
+"""Embeddings and fusion modules (bitsandbytes, fairseq2 and torchtune APIs)."""

@@ -1,0 +1,192 @@
+#include "runtime.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "bnbfuse.h"
+
+namespace bnbf {
+
+static thread_local char g_error[512] = "";
+
+int fail(int code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+// ---- thread pool ------------------------------------------------------------------------
+namespace {
+
+class ThreadPool {
+ public:
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  // Only one job at a time; a concurrent caller (another Python thread) runs serially.
+  bool try_run(int nworkers, const std::function<void(int)>& task) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    ensure_workers(nworkers);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      task_ = &task;
+      active_ = nworkers;
+      pending_ = nworkers;
+      ++generation_;
+    }
+    cv_.notify_all();
+    task(0);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [&] { return pending_ == 0; });
+    task_ = nullptr;
+    return true;
+  }
+
+ private:
+  void ensure_workers(int nworkers) {
+    while ((int)workers_.size() < nworkers) {
+      int id = (int)workers_.size() + 1;  // worker ids start at 1; the caller is 0
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* task;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+        if (id > active_) continue;
+        task = task_;
+      }
+      (*task)(id);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* task_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+  bool stop_ = false;
+};
+
+ThreadPool& pool() {
+  static ThreadPool* p = new ThreadPool();  // leaked on purpose: no join at exit
+  return *p;
+}
+
+}  // namespace
+
+void parallel_for(int64_t n, int64_t grain, int num_threads,
+                  const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  int64_t chunks = (n + grain - 1) / grain;
+  int nt = (int)std::min<int64_t>(std::max(num_threads, 1), chunks);
+  nt = std::min(nt, 256);
+  if (nt <= 1) {
+    fn(0, n);
+    return;
+  }
+  // Split the grains as evenly as possible between nt threads.
+  auto range = [=](int t, int64_t* b, int64_t* e) {
+    int64_t g0 = chunks * t / nt, g1 = chunks * (t + 1) / nt;
+    *b = std::min(n, g0 * grain);
+    *e = std::min(n, g1 * grain);
+  };
+  std::function<void(int)> task = [&](int t) {
+    int64_t b, e;
+    range(t, &b, &e);
+    if (b < e) fn(b, e);
+  };
+  if (!pool().try_run(nt - 1, task)) fn(0, n);
+}
+
+// ---- instruction set ----------------------------------------------------------------------
+static Isa detect_isa() {
+#if defined(BNBF_X86)
+  __builtin_cpu_init();
+#if defined(BNBF_HAVE_avx512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::avx512;
+#endif
+#if defined(BNBF_HAVE_avx2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::avx2;
+#endif
+#endif
+  return Isa::generic;
+}
+
+static std::atomic<int> g_isa{-1};
+
+Isa active_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = (int)detect_isa();
+    g_isa.store(v);
+  }
+  return (Isa)v;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+bool force_isa(const char* name) {
+  Isa best = detect_isa();
+  if (name == nullptr) {
+    g_isa.store((int)best);
+    return true;
+  }
+  for (Isa isa : {Isa::generic, Isa::avx2, Isa::avx512}) {
+    if (std::strcmp(name, isa_name(isa)) == 0) {
+      if ((int)isa > (int)best) return false;  // not supported by this CPU or build
+      g_isa.store((int)isa);
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace bnbf
+
+BNBF_API const char* bnbf_last_error(void) { return bnbf::g_error; }
+BNBF_API const char* bnbf_version(void) { return "0.1.0"; }
+BNBF_API const char* bnbf_cpu_isa(void) { return bnbf::isa_name(bnbf::active_isa()); }
+BNBF_API const char* bnbf_cpu_isas_compiled(void) { return BNBF_ISA_LIST; }
+BNBF_API int bnbf_cpu_force_isa(const char* isa) {
+  return bnbf::force_isa(isa) ? BNBF_OK
+                              : bnbf::fail(BNBF_E_UNSUPPORTED, "ISA '%s' not available", isa);
+}

@@ -1,0 +1,33 @@
+// Declarations of the per-ISA CPU kernels. Each is defined once in csrc/cpu/*.cpp and
+// compiled into bnbf::generic, bnbf::avx2 and bnbf::avx512; csrc/common/api_*.cpp pick
+// one at run time. Arguments are validated by the API layer before these are called.
+#pragma once
+#include <cstdint>
+
+#include "bnbfuse.h"
+#include "qmap.h"
+
+#define BNBF_CPU_KERNELS                                                                  \
+  void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* absmax,   \
+                          uint8_t* out, int64_t blocksize, int64_t n, int num_threads);  \
+  void dequantize_blockwise(const QuantMap& map, const uint8_t* A, const float* absmax,   \
+                            void* out, int dtype, int64_t blocksize, int64_t n,           \
+                            int num_threads);                                             \
+  /* quantize one block of fp32 values already known: writes codes, returns absmax */     \
+  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n);
+
+namespace bnbf {
+namespace generic { BNBF_CPU_KERNELS }
+namespace avx2 { BNBF_CPU_KERNELS }
+namespace avx512 { BNBF_CPU_KERNELS }
+}  // namespace bnbf
+
+// Calls the active ISA's version of a kernel: BNBF_CPU_CALL(quantize_blockwise, args...).
+#if defined(BNBF_HAVE_avx2) && defined(BNBF_HAVE_avx512)
+#define BNBF_CPU_CALL(fn, ...)                                        \
+  (::bnbf::active_isa() == ::bnbf::Isa::avx512 ? ::bnbf::avx512::fn(__VA_ARGS__) \
+   : ::bnbf::active_isa() == ::bnbf::Isa::avx2 ? ::bnbf::avx2::fn(__VA_ARGS__)   \
+                                               : ::bnbf::generic::fn(__VA_ARGS__))
+#else
+#define BNBF_CPU_CALL(fn, ...) ::bnbf::generic::fn(__VA_ARGS__)
+#endif

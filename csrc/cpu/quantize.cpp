@@ -1,0 +1,97 @@
+// Blockwise quantize / dequantize of fp32, fp16 and bf16 tensors (one pass each).
+#include <algorithm>
+
+#include "blockquant.h"
+#include "kernels.h"
+#include "runtime.h"
+
+namespace bnbf {
+namespace BNBF_ISA_NS {
+
+// Blocks are processed in tiles of at most this many elements through an fp32 buffer on
+// the stack, so a 4096-element block costs no heap allocation.
+static constexpr int64_t kTile = 4096;
+
+float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n) {
+  float absmax = block_absmax(x, n);
+  quantize_scaled(map, x, absmax, out, n);
+  return absmax;
+}
+
+template <int DT>
+static void to_f32(const void* A, int64_t off, float* buf, int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  for (; i + 8 <= len; i += 8) _mm256_storeu_ps(buf + i, load8<DT>(A, off + i));
+#endif
+  for (; i < len; ++i) buf[i] = load1<DT>(A, off + i);
+}
+
+template <int DT>
+static void from_f32(const float* buf, void* out, int64_t off, int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  for (; i + 8 <= len; i += 8) store8<DT>(out, off + i, _mm256_loadu_ps(buf + i));
+#endif
+  for (; i < len; ++i) store1<DT>(out, off + i, buf[i]);
+}
+
+void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* absmax,
+                        uint8_t* out, int64_t blocksize, int64_t n, int num_threads) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  dispatch_dtype(dtype, [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    parallel_for(nblocks, std::max<int64_t>(1, 16384 / blocksize), num_threads,
+                 [&](int64_t b0, int64_t b1) {
+      alignas(64) float buf[kTile];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+        if (DT == BNBF_F32 && len <= kTile) {
+          absmax[b] = quantize_block_f32(map, (const float*)A + start, out + start, len);
+          continue;
+        }
+        // Two passes over the (cache-resident) block: absmax, then codes.
+        float m = 0.f;
+        for (int64_t t = 0; t < len; t += kTile) {
+          int64_t tl = std::min(kTile, len - t);
+          to_f32<DT>(A, start + t, buf, tl);
+          float mt = block_absmax(buf, tl);
+          m = (std::isnan(mt) || mt > m) ? mt : m;
+        }
+        absmax[b] = m;
+        for (int64_t t = 0; t < len; t += kTile) {
+          int64_t tl = std::min(kTile, len - t);
+          to_f32<DT>(A, start + t, buf, tl);
+          quantize_scaled(map, buf, m, out + start + t, tl);
+        }
+      }
+    });
+  });
+}
+
+void dequantize_blockwise(const QuantMap& map, const uint8_t* A, const float* absmax, void* out,
+                          int dtype, int64_t blocksize, int64_t n, int num_threads) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  dispatch_dtype(dtype, [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    parallel_for(nblocks, std::max<int64_t>(1, 16384 / blocksize), num_threads,
+                 [&](int64_t b0, int64_t b1) {
+      alignas(64) float buf[kTile];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+        for (int64_t t = 0; t < len; t += kTile) {
+          int64_t tl = std::min(kTile, len - t);
+          if (DT == BNBF_F32) {
+            dequantize_scaled(map, A + start + t, absmax[b], (float*)out + start + t, tl);
+          } else {
+            dequantize_scaled(map, A + start + t, absmax[b], buf, tl);
+            from_f32<DT>(buf, out, start + t, tl);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace BNBF_ISA_NS
+}  // namespace bnbf

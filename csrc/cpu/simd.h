@@ -1,0 +1,147 @@
+// Element conversion and 8-lane vector helpers shared by the CPU kernels.
+//
+// Every file in csrc/cpu/ is compiled once per instruction set (see CMakeLists.txt) inside
+// namespace bnbf::BNBF_ISA_NS. The AVX2 intrinsics below serve both the avx2 and the
+// avx512 builds (the latter also lets the compiler widen the plain loops to 512 bits); the
+// generic build uses the scalar code, which is also the specification of every helper.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "bnbfuse.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define BNBF_SIMD8 1
+#endif
+
+namespace bnbf {
+namespace BNBF_ISA_NS {
+
+// ---- scalar conversions (round to nearest even, like torch) ----
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t b = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if (std::isnan(f)) return (uint16_t)((b >> 16) | 0x40);  // keep sign, force quiet
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return (uint16_t)(b >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: value = man * 2^-24, exact in float
+    float v = (float)man * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  uint32_t sign = (b >> 16) & 0x8000u;
+  uint32_t abs = b & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0));
+  if (abs >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {  // result is subnormal or zero: round man * 2^-24
+    float a;
+    std::memcpy(&a, &abs, 4);
+    // Adding 0.5 (2^-1) aligns the binary point so that the FPU does the RNE rounding.
+    float r = a + 0.5f;
+    uint32_t rb;
+    std::memcpy(&rb, &r, 4);
+    return (uint16_t)(sign | (rb - 0x3F000000u));
+  }
+  uint32_t man_odd = (abs >> 13) & 1u;
+  abs += 0xFFFu + man_odd - (112u << 23);
+  return (uint16_t)(sign | (abs >> 13));
+}
+
+template <int DT>
+inline float load1(const void* p, int64_t i) {
+  if (DT == BNBF_F32) return ((const float*)p)[i];
+  if (DT == BNBF_BF16) return bf16_to_f32(((const uint16_t*)p)[i]);
+  return f16_to_f32(((const uint16_t*)p)[i]);
+}
+
+template <int DT>
+inline void store1(void* p, int64_t i, float v) {
+  if (DT == BNBF_F32) ((float*)p)[i] = v;
+  else if (DT == BNBF_BF16) ((uint16_t*)p)[i] = f32_to_bf16(v);
+  else ((uint16_t*)p)[i] = f32_to_f16(v);
+}
+
+#if defined(BNBF_SIMD8)
+template <int DT>
+inline __m256 load8(const void* p, int64_t i) {
+  if (DT == BNBF_F32) return _mm256_loadu_ps((const float*)p + i);
+  __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+  if (DT == BNBF_F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <int DT>
+inline void store8(void* p, int64_t i, __m256 v) {
+  if (DT == BNBF_F32) {
+    _mm256_storeu_ps((float*)p + i, v);
+  } else if (DT == BNBF_F16) {
+    _mm_storeu_si128((__m128i*)((uint16_t*)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
+    r = _mm256_srli_epi32(r, 16);
+    // NaN: keep the sign and the top mantissa bits, force quiet.
+    __m256 isnan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(isnan));
+    __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
+    _mm_storeu_si128((__m128i*)((uint16_t*)p + i), _mm_packus_epi32(lo, hi));
+  }
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline __m256 abs8(__m256 v) {
+  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+}
+#endif
+
+// Calls f.template operator()<DT>() for the runtime dtype; returns false if unknown.
+template <typename F>
+inline bool dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case BNBF_F32: f(std::integral_constant<int, BNBF_F32>()); return true;
+    case BNBF_F16: f(std::integral_constant<int, BNBF_F16>()); return true;
+    case BNBF_BF16: f(std::integral_constant<int, BNBF_BF16>()); return true;
+    default: return false;
+  }
+}
+
+}  // namespace BNBF_ISA_NS
+}  // namespace bnbf

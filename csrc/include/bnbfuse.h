@@ -1,0 +1,93 @@
+/* bnbfuse native library: plain C ABI, loaded from Python with ctypes (bnbfuse/_native.py).
+ *
+ * Conventions
+ *  - Every entry point returns 0 on success and a negative BNBF_E* code on bad input; the
+ *    message is available from bnbf_last_error(). Kernels validate sizes and indices
+ *    themselves: they never read or write out of bounds, even when Python forgot a check.
+ *  - All lengths and indices are int64_t.
+ *  - `dtype` is one of BNBF_F32 / BNBF_F16 / BNBF_BF16; all tensors are contiguous.
+ *  - CPU entry points take `num_threads` (bnbfuse passes torch.get_num_threads()); CUDA
+ *    entry points take the cudaStream_t to launch on, as void*.
+ */
+#ifndef BNBFUSE_H
+#define BNBFUSE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define BNBF_EXTERN extern "C"
+#else
+#define BNBF_EXTERN
+#endif
+#define BNBF_API BNBF_EXTERN __attribute__((visibility("default")))
+
+enum bnbf_dtype { BNBF_F32 = 0, BNBF_F16 = 1, BNBF_BF16 = 2 };
+
+enum bnbf_status {
+  BNBF_OK = 0,
+  BNBF_E_ARG = -1,      /* invalid argument (null pointer, bad size, bad dtype) */
+  BNBF_E_INDEX = -2,    /* an index (token id) out of range */
+  BNBF_E_CUDA = -3,     /* a CUDA runtime error */
+  BNBF_E_UNSUPPORTED = -4,
+};
+
+/* Optimizer kinds; one kernel template per state count, the rule is a parameter. */
+enum bnbf_optimizer {
+  BNBF_OPT_ADAM = 0,      /* 2-state; weight decay coupled (L2 into the gradient) */
+  BNBF_OPT_ADAMW = 1,     /* 2-state; weight decay decoupled (p *= 1 - lr*wd first) */
+  BNBF_OPT_ADEMAMIX = 2,  /* 2-state buffers; state1 holds m1 then m2 (2*n values) */
+  BNBF_OPT_LAMB = 3,      /* 2-state; Adam update scaled by the trust ratio (update_scale) */
+  BNBF_OPT_MOMENTUM = 4,  /* 1-state: SGD with momentum */
+  BNBF_OPT_RMSPROP = 5,   /* 1-state */
+  BNBF_OPT_ADAGRAD = 6,   /* 1-state */
+  BNBF_OPT_LION = 7,      /* 1-state */
+  BNBF_OPT_LARS = 8,      /* 1-state: momentum SGD scaled by the trust ratio */
+};
+
+/* Hyper-parameters of one update; fields an optimizer does not use are ignored.
+ * Layout is mirrored by bnbfuse/_native.py (OptimizerArgs). */
+typedef struct bnbf_optim_args {
+  float lr;
+  float beta1;            /* Adam/Lion beta1; SGD/LARS momentum; RMSprop alpha */
+  float beta2;
+  float beta3;            /* AdEMAMix slow EMA */
+  float alpha;            /* AdEMAMix mixing coefficient */
+  float eps;
+  float weight_decay;
+  float dampening;        /* SGD */
+  float bias_correction1; /* 1 - beta1^step, computed by the caller in double */
+  float bias_correction2; /* 1 - beta2^step */
+  float gnorm_scale;      /* gradient multiplier (percentile clipping); 1 when off */
+  float update_scale;     /* multiplier of the step (trust ratio, max_unorm); 1 when off */
+  int32_t step;           /* 1-based step count after this update */
+  int32_t nesterov;       /* SGD */
+} bnbf_optim_args;
+
+/* ---- introspection ---- */
+BNBF_API const char* bnbf_version(void);
+BNBF_API const char* bnbf_last_error(void);
+BNBF_API const char* bnbf_cpu_isa(void);          /* "avx512", "avx2" or "generic" */
+BNBF_API const char* bnbf_cpu_isas_compiled(void);
+BNBF_API int bnbf_cpu_force_isa(const char* isa); /* tests/benchmarks: pin an ISA; NULL = auto */
+
+/* ---- blockwise quantization (CPU) ----
+ * code: 256 float32 map values (any order); out[i] = index of the map value nearest to
+ * A[i]/absmax[block] (ties to the larger value; blocks whose absmax is 0 give the index
+ * of the value nearest 0). absmax has ceil(n/blocksize) entries. */
+BNBF_API int bnbf_cpu_quantize_blockwise(const float* code, const void* A, int dtype,
+                                         float* absmax, uint8_t* out, int64_t blocksize,
+                                         int64_t n, int num_threads);
+BNBF_API int bnbf_cpu_dequantize_blockwise(const float* code, const uint8_t* A,
+                                           const float* absmax, void* out, int dtype,
+                                           int64_t blocksize, int64_t n, int num_threads);
+
+/* ---- blockwise quantization (CUDA) ---- */
+BNBF_API const char* bnbf_cuda_archs(void);
+BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int dtype,
+                                          float* absmax, uint8_t* out, int64_t blocksize,
+                                          int64_t n, void* stream);
+BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
+                                            const float* absmax, void* out, int dtype,
+                                            int64_t blocksize, int64_t n, void* stream);
+
+#endif /* BNBFUSE_H */
