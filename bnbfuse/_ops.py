@@ -36,7 +36,33 @@ def _(A, absmax, code, blocksize, dtype):
 
 
 # ---- optimizer updates (bnbfuse/optim) -----------------------------------------------------
-# Defined in the optimizer section below this line.
+# One fused pass per parameter: read p, g and the state; write p and the state. `optimizer`
+# is one of "adam", "adamw", "ademamix", "lamb", "momentum", "rmsprop", "adagrad", "lion",
+# "lars"; hyper-parameters an optimizer does not use are ignored. `step` is the 1-based step
+# count after this update. The 8-bit variant keeps state in blocks of 256 (signed map for
+# state1, unsigned for state2). The *_norms ops compute [sum(update**2), sum(p**2)] (float32
+# tensor of 2) without writing anything, for trust ratios and max_unorm.
+_HPARAMS = ("float lr, float beta1, float beta2, float beta3, float alpha, float eps, "
+            "float weight_decay, float dampening, bool nesterov, int step, float gnorm_scale")
+lib.define(
+    "optimizer_update_8bit_blockwise(str optimizer, Tensor(a!) p, Tensor g, Tensor(b!) state1, "
+    "Tensor(c!)? state2, Tensor(d!) absmax1, Tensor(e!)? absmax2, Tensor qmap1, Tensor? qmap2, "
+    f"{_HPARAMS}, float update_scale) -> ()"
+)
+lib.define(
+    "optimizer_update_32bit(str optimizer, Tensor(a!) p, Tensor g, Tensor(b!) state1, "
+    f"Tensor(c!)? state2, {_HPARAMS}, float update_scale) -> ()"
+)
+lib.define(
+    "optimizer_norms_8bit_blockwise(str optimizer, Tensor p, Tensor g, Tensor state1, "
+    "Tensor? state2, Tensor absmax1, Tensor? absmax2, Tensor qmap1, Tensor? qmap2, "
+    f"{_HPARAMS}) -> Tensor"
+)
+lib.define(
+    f"optimizer_norms_32bit(str optimizer, Tensor p, Tensor g, Tensor state1, Tensor? state2, "
+    f"{_HPARAMS}) -> Tensor"
+)
+# (fake implementations: optimizer section)
 
 
 # ---- quantized embedding lookup (bnbfuse/nn) -----------------------------------------------
