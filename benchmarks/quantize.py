@@ -10,10 +10,10 @@ Byte accounting (the bytes one call must move at the least; GB/s = bytes / media
   quantize    reads the input (n * itemsize) and writes the codes (n) and absmax (4 * blocks)
   dequantize  reads the codes (n) and absmax (4 * blocks) and writes the output (n * itemsize)
   clone       reads and writes the input (2 * n * itemsize)
-"x clone" is an implementation's GB/s divided by clone's GB/s for the same dtype and size,
-measured in the same rounds (implementations are interleaved round by round, so a noisy
-neighbour on a shared machine slows all of them alike). Every call allocates its output,
-as clone does.
+"x clone" is an implementation's GB/s divided by clone's GB/s for the same dtype and size.
+Implementations are interleaved round by round and the ratio is taken within each round,
+then the median over rounds is reported, so a noisy neighbour on a shared machine slows
+both sides of a ratio alike. Every call allocates its output, as clone does.
 
 Example:
     python benchmarks/quantize.py --threads 2 --sizes 4M 16M 64M --out results/
@@ -159,13 +159,14 @@ def run(args) -> dict:
         item = x.element_size()
         moved = {"copy": 2 * n * item, "quantize": n * item + n + 4 * nblocks,
                  "dequantize": n + 4 * nblocks + n * item}
-        clone_gbs = moved["copy"] / statistics.median(times[("clone", "copy")]) / 1e9
+        clone_ts = times[("clone", "copy")]
         for (name, op), ts in times.items():
             med = statistics.median(ts)
-            gbs = moved[op] / med / 1e9
+            # per round: (bytes/t) / (clone bytes/t_clone), same round
+            ratios = [moved[op] * tc / (moved["copy"] * t) for t, tc in zip(ts, clone_ts)]
             rows.append({"dtype": dtype_name, "n": n, "blocksize": bs, "impl": name, "op": op,
                          "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "bytes": moved[op],
-                         "GB_s": gbs, "x_clone": gbs / clone_gbs})
+                         "GB_s": moved[op] / med / 1e9, "x_clone": statistics.median(ratios)})
         del x, states
     bar.close()
     return {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},

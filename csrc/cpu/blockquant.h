@@ -178,8 +178,8 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
     const __m256 dv = _mm256_set1_ps(d);
     const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
     const __m256i min_pos = _mm256_set1_epi32(m.min_positive_code);
-    for (; i + 8 <= n; i += 8) {
-      __m256 v = _mm256_loadu_ps(x + i);
+    auto codes8 = [&](int64_t j) {
+      __m256 v = _mm256_loadu_ps(x + j);
       __m256i c = nearest8_packed(packed, _mm256_div_ps(v, dv));
       if (keep_positive) {
         __m256i fix = _mm256_and_si256(
@@ -187,8 +187,18 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
             _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)));
         c = _mm256_blendv_epi8(c, min_pos, fix);
       }
-      store_bytes8(out + i, c);
+      return c;
+    };
+    // 32 codes per store: two saturating packs (values are 0..255, so nothing saturates)
+    // interleave the 128-bit lanes; one cross-lane permute restores the order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= n; i += 32) {
+      __m256i ab = _mm256_packus_epi32(codes8(i), codes8(i + 8));
+      __m256i cd = _mm256_packus_epi32(codes8(i + 16), codes8(i + 24));
+      __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+      _mm256_storeu_si256((__m256i*)(out + i), bytes);
     }
+    for (; i + 8 <= n; i += 8) store_bytes8(out + i, codes8(i));
   } else if (m.one_step) {
     const __m256 dv = _mm256_set1_ps(d);
     const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
