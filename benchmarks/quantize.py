@@ -178,11 +178,22 @@ def fmt_size(n: int) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| dtype | elements | blocksize | implementation | op | median ms | GB/s | x clone |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['dtype']} | {fmt_size(r['n'])} | {r['blocksize']} | {r['impl']} | "
-                     f"{r['op']} | {r['median_ms']:.2f} | {r['GB_s']:.2f} | {r['x_clone']:.2f} |")
+    """Markdown: one row per (dtype, size, blocksize); each cell "GB/s (x clone)"."""
+    rows = result["rows"]
+    impls = [i for i in ("bnbfuse", "bitsandbytes", "reference") if any(r["impl"] == i for r in rows)]
+    cols = [(i, op) for i in impls for op in ("quantize", "dequantize")]
+    head = ["dtype", "elements", "blocksize", "clone GB/s"] + [f"{i} {op}" for i, op in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({(r["dtype"], r["n"], r["blocksize"]) for r in rows},
+                  key=lambda k: (k[0] != "float32", k[0], k[1], -k[2]))
+    for dtype, n, bs in keys:
+        sel = {(r["impl"], r["op"]): r for r in rows
+               if (r["dtype"], r["n"], r["blocksize"]) == (dtype, n, bs)}
+        cells = [dtype, fmt_size(n), str(bs), f"{sel[('clone', 'copy')]['GB_s']:.2f}"]
+        for key in cols:
+            r = sel.get(key)
+            cells.append(f"{r['GB_s']:.2f} ({r['x_clone']:.2f}x)" if r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -194,20 +205,26 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     panels = sorted({(r["dtype"], r["blocksize"]) for r in rows}, key=lambda k: (k[0], -k[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False,
-                             sharey=True)
-    for ax, (dtype, bs) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7), squeeze=False,
+                             sharey="row", sharex=True)
+    for col, (dtype, bs) in enumerate(panels):
         sel = [r for r in rows if r["dtype"] == dtype and r["blocksize"] == bs]
         for impl, op in sorted({(r["impl"], r["op"]) for r in sel}):
-            pts = sorted((r["n"], r["GB_s"]) for r in sel if r["impl"] == impl and r["op"] == op)
+            pts = sorted((r["n"], r["GB_s"], r["x_clone"]) for r in sel
+                         if r["impl"] == impl and r["op"] == op)
             style = {"copy": "k:", "quantize": "-o", "dequantize": "--s"}[op]
-            ax.plot([p[0] / 2**20 for p in pts], [p[1] for p in pts], style,
-                    label=f"{impl} {op}" if op != "copy" else "torch.clone")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{dtype}, blocksize {bs}")
-        ax.set_xlabel("elements (Mi)")
-        ax.grid(alpha=0.3)
+            label = f"{impl} {op}" if op != "copy" else "torch.clone"
+            xs = [p[0] / 2**20 for p in pts]
+            axes[0][col].plot(xs, [p[1] for p in pts], style, label=label)
+            axes[1][col].plot(xs, [p[2] for p in pts], style, label=label)
+        axes[0][col].set_title(f"{dtype}, blocksize {bs}")
+        axes[1][col].axhline(0.5, color="grey", lw=0.8)
+        axes[1][col].set_xlabel("elements (Mi)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("GB/s (bytes moved / median time)")
+    axes[1][0].set_ylabel("x clone bandwidth (median of rounds)")
     axes[0][-1].legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(f"Blockwise quantization on CPU: {m.get('Model name', '?')}, "
