@@ -83,6 +83,12 @@ def machine_info() -> dict:
                 info[key.strip()] = value.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    try:
+        from importlib.metadata import version
+
+        info["bitsandbytes"] = version("bitsandbytes")
+    except Exception:  # noqa: BLE001  (not installed)
+        info["bitsandbytes"] = None
     backend = bnbfuse.backend_info()
     info["bnbfuse_cpu_backend"] = backend["cpu"]
     info["cpu_isa"] = backend["cpu_isa"]
@@ -243,7 +249,7 @@ def plot(result: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("GB/s (bytes moved / median time)")
     axes[1][0].set_ylabel("x clone bandwidth (median of rounds)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     m = result["machine"]
     fig.suptitle(f"Blockwise quantization on CPU: {m.get('Model name', '?')}, "
                  f"{m['threads']} threads, torch {m['torch']}")
