@@ -191,7 +191,7 @@ def run(args) -> dict:
                          # CPU time of the process (all threads): the work done, which a
                          # busy shared machine distorts less than wall time
                          "cpu_ms": statistics.median(cpu[(name, op)]) * 1e3})
-        del x, states
+        x = states = None  # free before the next case allocates
     bar.close()
     return {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
             "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
