@@ -136,12 +136,19 @@ def test_native_cpu_bit_exact_with_reference(quant, dtype):
     torch.manual_seed(2)
     lib = _native.cpu.lib
     lib.bnbf_cpu_force_isa.argtypes = [ctypes.c_char_p]
-    for D, blocksize in [(64, 64), (70, 64), (129, 8), (3, 2), (300, 256), (33, 5)]:
+    cases = [(64, 64, False), (70, 64, False), (129, 8, False), (3, 2, False),
+             (300, 256, False), (33, 5, False), (70, 64, True), (9, 4, True)]
+    for D, blocksize, other_map in cases:
         V, F = 40, 5
         w = torch.randn(V, D)
         if quant:
             base, absmax = qt.quantize_table(w, quant, blocksize)
             qmap = qt.quant_map(quant)
+            if other_map:  # any map works (int8 has a computed fast path for its own map)
+                qmap = (torch.rand(qmap.numel()) * 2 - 1).sort().values
+                base = torch.randint(0, qmap.numel(), (V, D)).to(torch.uint8)
+                if quant == "nf4":
+                    base = (base[:, : (D + 1) // 2] << 4) | base[:, -((D + 1) // 2):]
         else:
             base, absmax, qmap = w.to(dtype), torch.empty(0), torch.empty(0)
         fusion = torch.randn(F, D).to(dtype)
