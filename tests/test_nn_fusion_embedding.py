@@ -343,6 +343,7 @@ def test_from_embedding_and_merge(quant):
     old = torch.nn.Embedding(30, 16)
     emb = FusionEmbedding.from_embedding(old, 4, base_quant=quant)
     assert (emb.vocab_size, emb.fusion_vocab_size, emb.embed_dim) == (30, 4, 16)
+    assert (emb.num_embeddings, emb.embedding_dim, emb.dim) == (34, 16, 16)
     if quant is None:
         assert emb.embedding.weight is old.weight
     new_rows = emb.fusion_embedding.weight.detach()
