@@ -6,6 +6,7 @@ every device that has no native kernel. They favour clarity over speed.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -106,8 +107,14 @@ def sqrt32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(x: float) -> float:
-    """x rounded to the nearest float32 (as a Python float)."""
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item())
+    """x rounded to the nearest float32 (as a Python float); out-of-range values give inf."""
+    try:
+        return _F32.unpack(_F32.pack(float(x)))[0]  # C's (float) cast: round to nearest
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+_F32 = struct.Struct("<f")
 
 
 def optimizer_scalars(optimizer: str, lr: float, beta1: float, beta2: float, beta3: float,
