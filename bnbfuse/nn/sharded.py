@@ -19,6 +19,16 @@ def _resolve_group(process_group):
     return dist.group.WORLD if process_group is None else process_group
 
 
+def _all_gather_stacked(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """``(world_size, *local.shape)``: every rank's ``local``, stacked in rank order."""
+    local = local.contiguous()
+    # One flat buffer is the fastest all-gather on NCCL; gloo wants 1-D concatenation too.
+    out = local.new_empty(world_size * local.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local.reshape(-1), group=group)
+    return out.view(world_size, *local.shape)
+
+
 class _GatherLastDim(torch.autograd.Function):
     """All-gather along the last dimension; the backward keeps this rank's slice.
 
@@ -32,10 +42,7 @@ class _GatherLastDim(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, group, world_size: int, rank: int) -> torch.Tensor:
         ctx.rank, ctx.width = rank, local.shape[-1]
-        local = local.contiguous()
-        # One flat buffer (rank-major) is the fastest all-gather on NCCL and works on gloo.
-        out = local.new_empty((world_size, *local.shape))
-        dist.all_gather_into_tensor(out, local, group=group)
+        out = _all_gather_stacked(local, group, world_size)
         return out.movedim(0, -2).reshape(*local.shape[:-1], world_size * ctx.width)
 
     @staticmethod
@@ -185,8 +192,7 @@ class ShardedEmbedding(nn.Module):
         if self.world_size == 1:
             full = local.clone()
         else:
-            parts = local.new_empty((self.world_size, *local.shape))
-            dist.all_gather_into_tensor(parts, local, group=self.process_group)
+            parts = _all_gather_stacked(local, self.process_group, self.world_size)
             full = parts.movedim(0, 1).reshape(self.num_embeddings, self.embed_dim)
         embed = StandardEmbedding(self.num_embeddings, self.embed_dim, self.pad_idx,
                                   init_fn=self.init_fn, device="meta", dtype=full.dtype)
