@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._override import keep_32bit_state
+
 
 def _resolve_group(process_group):
     if not (dist.is_available() and dist.is_initialized()):
@@ -60,7 +62,8 @@ class ShardedEmbedding(nn.Module):
     returns the full ``(*, embed_dim)`` embeddings. The gather is autograd-aware: the
     backward hands each rank its own columns of the output gradient (no communication), so
     a rank's ``weight.grad`` is exactly its slice of the gradient the unsharded table would
-    get. This is tensor parallelism: **every rank of the group must feed the same ids**
+    get. Like :class:`~bnbfuse.nn.StandardEmbedding`, the weight keeps 32-bit state in
+    bnbfuse 8-bit optimizers. This is tensor parallelism: **every rank of the group must feed the same ids**
     (combine it with data parallelism over a different group).
 
     Args:
@@ -128,6 +131,7 @@ class ShardedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, self.sharded_embed_dim,
                                                device=device, dtype=dtype))
         self.reset_parameters()
+        keep_32bit_state(self, "weight")  # like StandardEmbedding
 
     def _columns(self) -> slice:
         lo = self.rank * self.sharded_embed_dim
