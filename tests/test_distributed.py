@@ -198,61 +198,83 @@ def test_fsdp2_adamw8bit_tracks_single_process():
 
 
 # ---- FSDP2 + torch.distributed.checkpoint: bit-identical resume ---------------------------
-def _dcp_body(rank, world, ckpt_dir):
+_DCP_CONFIGS = {
+    "AdamW8bit": dict(lr=1e-2, weight_decay=0.1),
+    # two moments stacked in state1 (a leading dim of 2), gradient-norm history
+    "AdEMAMix8bit": dict(lr=1e-2, percentile_clipping=50),
+}
+
+
+def _opt_state(model, opt) -> dict:
+    return {f"{n}.{k}": (v.clone() if isinstance(v, torch.Tensor) else v)
+            for n, p in model.named_parameters() for k, v in opt.state[p].items()}
+
+
+def _dcp_body(rank, world, ckpt_root):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     import bnbfuse as bnb
 
-    def make():
-        model = _fsdp(_mlp(), world)
-        return model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-2, weight_decay=0.1)
+    out = {}
+    for name, kwargs in _DCP_CONFIGS.items():
+        ckpt_dir = os.path.join(ckpt_root, name)
 
-    model, opt = make()
-    _train(model, opt, 3, 0, rank, world)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
-    kinds = {k: type(v).__name__ for k, v in osd["state"]["0.weight"].items()}
-    if kinds["state1"] != "DTensor":
-        # The optimizer class does not apply bnbfuse.distributed's conversion yet: every
-        # rank's shard would be saved as rank 0's (see docs/distributed.md).
-        return {"integrated": False, "kinds": kinds}
-    _train(model, opt, 4, 3, rank, world)
-    straight = _full_params(model)
-    straight_state = {k: v.clone() for k, v in opt.state[model[0].weight].items()
-                      if isinstance(v, torch.Tensor)}
+        def make():
+            model = _fsdp(_mlp(), world)
+            return model, getattr(bnb.optim, name)(model.parameters(), **kwargs)
 
-    model2, opt2 = make()  # fresh: different (untrained) weights, no state yet
-    msd2, osd2 = get_state_dict(model2, opt2)
-    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=ckpt_dir)
-    set_state_dict(model2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
-    loaded_step = opt2.state[model2[0].weight]["step"]
-    _train(model2, opt2, 4, 3, rank, world)
-    resumed = _full_params(model2)
-    resumed_state = {k: v.clone() for k, v in opt2.state[model2[0].weight].items()
-                     if isinstance(v, torch.Tensor)}
-    return {"integrated": True, "kinds": kinds, "loaded_step": loaded_step,
+        model, opt = make()
+        _train(model, opt, 3, 0, rank, world)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+        kinds = {k: type(v).__name__ for k, v in osd["state"]["0.weight"].items()}
+        if kinds["state1"] != "DTensor":
+            # The optimizer class does not apply bnbfuse.distributed's conversion yet: every
+            # rank's shard would be saved as rank 0's (see docs/distributed.md).
+            return {"integrated": False, "kinds": kinds}
+        _train(model, opt, 4, 3, rank, world)
+        straight, straight_state = _full_params(model), _opt_state(model, opt)
+
+        model2, opt2 = make()  # fresh: untrained weights, no optimizer state yet
+        msd2, osd2 = get_state_dict(model2, opt2)
+        dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=ckpt_dir)
+        set_state_dict(model2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
+        loaded_step = opt2.state[model2[0].weight]["step"]
+        _train(model2, opt2, 4, 3, rank, world)
+        resumed, resumed_state = _full_params(model2), _opt_state(model2, opt2)
+        out[name] = {
+            "kinds": kinds, "loaded_step": loaded_step,
+            "shape1": tuple(opt.state[model[0].weight]["state1"].shape),
             "params_equal": all(torch.equal(straight[k], resumed[k]) for k in straight),
-            "state_equal": all(torch.equal(straight_state[k], resumed_state[k])
-                               for k in straight_state),
-            "state_keys": sorted(straight_state)}
+            "state_equal": {k: (torch.equal(v, resumed_state[k]) if isinstance(v, torch.Tensor)
+                                else v == resumed_state[k]) for k, v in straight_state.items()},
+            "state_keys": sorted(k for k in straight_state if k.startswith("0.weight."))}
+    return {"integrated": True, **out}
 
 
 def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
-    res = run_workers(_dcp_body, str(tmp_path / "ckpt"), world_size=WORLD, timeout=150)
+    res = run_workers(_dcp_body, str(tmp_path), world_size=WORLD, timeout=150)
     if not res[0]["integrated"]:
         pytest.xfail("Optimizer8bit.state_dict() does not pass its result through "
                      "bnbfuse.distributed.dtensor_optimizer_state_dict (and load_state_dict "
                      "does not start with local_optimizer_state_dict) yet")
     for rank, r in enumerate(res):
-        # per-rank 8-bit tensors travel as DTensors, the rest stays plain
-        assert r["kinds"]["state1"] == "DTensor" and r["kinds"]["absmax1"] == "DTensor"
-        assert r["kinds"]["qmap1"] == "Tensor"
-        assert r["loaded_step"] == 3
-        assert r["state_keys"] == ["absmax1", "absmax2", "qmap1", "qmap2", "state1", "state2"]
-        assert r["params_equal"], rank
-        assert r["state_equal"], rank
-    assert os.path.exists(tmp_path / "ckpt" / ".metadata")
+        for name in _DCP_CONFIGS:
+            c = r[name]
+            # per-rank 8-bit tensors travel as DTensors, the rest stays plain
+            assert c["kinds"]["state1"] == "DTensor" and c["kinds"]["absmax1"] == "DTensor"
+            assert c["kinds"]["qmap1"] == "Tensor"
+            assert c["loaded_step"] == 3
+            assert c["params_equal"], (rank, name)
+            bad = [k for k, ok in c["state_equal"].items() if not ok]
+            assert not bad, (rank, name, bad)
+        assert r["AdamW8bit"]["state_keys"] == [
+            f"0.weight.{k}" for k in ("absmax1", "absmax2", "qmap1", "qmap2", "state1", "state2",
+                                      "step")]
+        assert r["AdEMAMix8bit"]["shape1"] == (2, 151 - rank, 16)
+        assert "0.weight.gnorm_vec" in r["AdEMAMix8bit"]["state_keys"]
+    assert os.path.exists(tmp_path / "AdamW8bit" / ".metadata")
 
 
 # ---- DDP: unchanged --------------------------------------------------------------------------
