@@ -28,9 +28,8 @@ to the old shards); convert through ``optimizer.torch_state_dict()`` on the old 
 resume with the same number of ranks.
 
 The optimizer base class applies :func:`dtensor_optimizer_state_dict` in ``state_dict()``
-and :func:`local_optimizer_state_dict` at the start of ``load_state_dict()``; both are
-no-ops when no parameter is a DTensor. For optimizers that do not, call
-:func:`register_dcp_hooks` once (it uses ``torch.optim.Optimizer``'s state-dict hooks).
+and :func:`local_optimizer_state_dict` at the start of ``load_state_dict()``; both return
+their input unchanged when no parameter is a DTensor.
 """
 from __future__ import annotations
 
@@ -41,8 +40,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "dtensor_optimizer_state_dict", "local_optimizer_state_dict", "register_dcp_hooks",
-    "is_dtensor", "to_local",
+    "dtensor_optimizer_state_dict", "local_optimizer_state_dict", "state_to_dtensors",
+    "state_to_local", "is_dtensor", "to_local",
 ]
 
 BLOCKSIZE = 256  # elements per 8-bit optimizer state block (DESIGN.md)
@@ -268,22 +267,3 @@ def local_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dic
         p = key_to_param.get(key)
         new_state[key] = state_to_local(p, st) if p is not None else st
     return {**state_dict, "state": new_state}
-
-
-def _post_state_dict_hook(optimizer, state_dict):
-    return dtensor_optimizer_state_dict(optimizer, state_dict)
-
-
-def _pre_load_state_dict_hook(optimizer, state_dict):
-    return local_optimizer_state_dict(optimizer, state_dict)
-
-
-def register_dcp_hooks(optimizer: torch.optim.Optimizer) -> None:
-    """Registers the conversions as ``torch.optim.Optimizer`` state-dict hooks on
-    ``optimizer`` (idempotent). Only needed for optimizers whose class does not apply them
-    itself; ``load_state_dict`` must run torch's load-state-dict pre-hooks first."""
-    if getattr(optimizer, "_bnbfuse_dcp_hooks", False):
-        return
-    optimizer.register_state_dict_post_hook(_post_state_dict_hook)
-    optimizer.register_load_state_dict_pre_hook(_pre_load_state_dict_hook)
-    optimizer._bnbfuse_dcp_hooks = True

@@ -121,11 +121,13 @@ def _batch(step: int, n: int = 8):
     return torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
 
 
-def _fsdp(model, world):
+def _fsdp(model, world, hsdp=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    # hsdp: a 2-D (replicate, shard) mesh, placements (Replicate(), Shard(0))
+    mesh = (init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+            if hsdp else init_device_mesh("cpu", (world,)))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -198,10 +200,11 @@ def test_fsdp2_adamw8bit_tracks_single_process():
 
 
 # ---- FSDP2 + torch.distributed.checkpoint: bit-identical resume ---------------------------
-_DCP_CONFIGS = {
-    "AdamW8bit": dict(lr=1e-2, weight_decay=0.1),
+_DCP_CONFIGS = {  # name: (optimizer, kwargs, HSDP mesh)
+    "AdamW8bit": ("AdamW8bit", dict(lr=1e-2, weight_decay=0.1), False),
     # two moments stacked in state1 (a leading dim of 2), gradient-norm history
-    "AdEMAMix8bit": dict(lr=1e-2, percentile_clipping=50),
+    "AdEMAMix8bit": ("AdEMAMix8bit", dict(lr=1e-2, percentile_clipping=50), False),
+    "AdamW8bit-hsdp": ("AdamW8bit", dict(lr=1e-2), True),
 }
 
 
@@ -217,12 +220,12 @@ def _dcp_body(rank, world, ckpt_root):
     import bnbfuse as bnb
 
     out = {}
-    for name, kwargs in _DCP_CONFIGS.items():
+    for name, (cls, kwargs, hsdp) in _DCP_CONFIGS.items():
         ckpt_dir = os.path.join(ckpt_root, name)
 
         def make():
-            model = _fsdp(_mlp(), world)
-            return model, getattr(bnb.optim, name)(model.parameters(), **kwargs)
+            model = _fsdp(_mlp(), world, hsdp)
+            return model, getattr(bnb.optim, cls)(model.parameters(), **kwargs)
 
         model, opt = make()
         _train(model, opt, 3, 0, rank, world)
@@ -244,7 +247,7 @@ def _dcp_body(rank, world, ckpt_root):
         _train(model2, opt2, 4, 3, rank, world)
         resumed, resumed_state = _full_params(model2), _opt_state(model2, opt2)
         out[name] = {
-            "kinds": kinds, "loaded_step": loaded_step,
+            "kinds": kinds, "loaded_step": loaded_step, "placements": str(model[0].weight.placements),
             "shape1": tuple(opt.state[model[0].weight]["state1"].shape),
             "params_equal": all(torch.equal(straight[k], resumed[k]) for k in straight),
             "state_equal": {k: (torch.equal(v, resumed_state[k]) if isinstance(v, torch.Tensor)
@@ -274,6 +277,7 @@ def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
                                       "step")]
         assert r["AdEMAMix8bit"]["shape1"] == (2, 151 - rank, 16)
         assert "0.weight.gnorm_vec" in r["AdEMAMix8bit"]["state_keys"]
+        assert "Replicate" in r["AdamW8bit-hsdp"]["placements"]
     assert os.path.exists(tmp_path / "AdamW8bit" / ".metadata")
 
 
