@@ -281,6 +281,63 @@ def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
     assert os.path.exists(tmp_path / "AdamW8bit" / ".metadata")
 
 
+# ---- bnbfuse.distributed conversions, independent of the optimizer class -------------------
+def _conversion_body(rank, world):
+    import bnbfuse as bnb
+    from bnbfuse import distributed as bd
+
+    out = {}
+    for cls in ("AdamW8bit", "AdEMAMix8bit"):
+        model = _fsdp(_mlp(), world)
+        opt = getattr(bnb.optim, cls)(model.parameters(), lr=1e-2)
+        _train(model, opt, 2, 0, rank, world)
+        local_sd = torch.optim.Optimizer.state_dict(opt)  # plain torch packing: local tensors
+        sd = bd.dtensor_optimizer_state_dict(opt, local_sd)
+        st = sd["state"][0]
+        back = bd.local_optimizer_state_dict(opt, sd)
+        same = all(
+            (torch.equal(v, back["state"][i][k]) if isinstance(v, torch.Tensor)
+             else v == back["state"][i][k])
+            for i, s0 in local_sd["state"].items() for k, v in s0.items())
+        out[cls] = {
+            "state1": (type(st["state1"]).__name__, tuple(st["state1"].shape),
+                       str(st["state1"].placements)),
+            "absmax1": (type(st["absmax1"]).__name__, tuple(st["absmax1"].shape)),
+            "qmap1": type(st["qmap1"]).__name__, "roundtrip": same,
+            "state_untouched": all(not bd.is_dtensor(v) for s0 in opt.state.values()
+                                   for v in s0.values()),
+        }
+    # plain parameters: both conversions are the identity
+    plain = _mlp()
+    popt = bnb.optim.AdamW8bit(plain.parameters())
+    _train(plain, popt, 1, 0)
+    psd = torch.optim.Optimizer.state_dict(popt)
+    out["plain_identity"] = (bd.dtensor_optimizer_state_dict(popt, psd) is psd
+                             and bd.local_optimizer_state_dict(popt, psd) is psd)
+    # DTensor state for a parameter that is not sharded any more: a clear error
+    try:
+        bd.state_to_local(plain[0].weight, {"state1": st["state1"]})
+        out["plain_error"] = "no error"
+    except ValueError as e:
+        out["plain_error"] = str(e)
+    return out
+
+
+def test_state_dict_conversion_round_trip():
+    res = run_workers(_conversion_body, world_size=WORLD, timeout=90)
+    for rank, r in enumerate(res):
+        a, m = r["AdamW8bit"], r["AdEMAMix8bit"]
+        assert a["state1"][:2] == ("DTensor", (301, 16)) and "Shard(dim=0)" in a["state1"][2]
+        # one row per shard, padded to ceil(151 * 16 / 256) = 10 blocks
+        assert a["absmax1"] == ("DTensor", (2, 10))
+        assert m["state1"][:2] == ("DTensor", (2, 301, 16)) and "Shard(dim=1)" in m["state1"][2]
+        assert m["absmax1"] == ("DTensor", (2, 20))  # two moments x 10 blocks
+        for c in (a, m):
+            assert c["qmap1"] == "Tensor" and c["roundtrip"] and c["state_untouched"], rank
+        assert r["plain_identity"]
+        assert "plain tensor" in r["plain_error"]
+
+
 # ---- DDP: unchanged --------------------------------------------------------------------------
 def _ddp_body(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
