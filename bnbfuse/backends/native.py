@@ -235,5 +235,5 @@ class NativeBackend:
 
     def register_all(self) -> None:
         self.register_quantization()
-        self.register_embeddings()
         self.register_optimizers()
+        self.register_embeddings()

@@ -14,12 +14,7 @@
                             void* out, int dtype, int64_t blocksize, int64_t n,           \
                             int num_threads);                                             \
   /* quantize one block of fp32 values already known: writes codes, returns absmax */     \
-  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n);  \
-  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/embedding.cpp) */ \
-  void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,    \
-                               const float* absmax, const float* qmap, int64_t vocab_size,   \
-                               const void* fusion, int64_t embed_dim, int64_t blocksize,     \
-                               void* out, int dtype, int num_threads);    \
+  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n); \
   /* optimizer updates (csrc/cpu/optimizer.cpp); map2/state2 unused by 1-state rules;  */  \
   /* norms accumulate [sum(dir^2), sum(p^2)] into out (double[2])                      */  \
   bool optimizer_update_8bit(int opt, void* p, const void* g, int dtype, uint8_t* state1, \
@@ -38,7 +33,12 @@
   bool optimizer_norms_32bit(int opt, const void* p, const void* g, int dtype,             \
                              const float* state1, const float* state2,                     \
                              const bnbf_optim_args& args, int64_t n, double* out,          \
-                             int num_threads);
+                             int num_threads);  \
+  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/embedding.cpp) */ \
+  void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,    \
+                               const float* absmax, const float* qmap, int64_t vocab_size,   \
+                               const void* fusion, int64_t embed_dim, int64_t blocksize,     \
+                               void* out, int dtype, int num_threads);
 
 namespace bnbf {
 namespace generic { BNBF_CPU_KERNELS }
