@@ -274,10 +274,7 @@ def _dcp_body(rank, world, ckpt_root):
 
 def test_fsdp2_dcp_resume_is_bit_identical(tmp_path):
     res = run_workers(_dcp_body, str(tmp_path), world_size=WORLD, timeout=150)
-    if not res[0]["integrated"]:
-        pytest.xfail("Optimizer8bit.state_dict() does not pass its result through "
-                     "bnbfuse.distributed.dtensor_optimizer_state_dict (and load_state_dict "
-                     "does not start with local_optimizer_state_dict) yet")
+    assert all(r["integrated"] for r in res), "optimizer state_dict is not DCP-ready"
     for rank, r in enumerate(res):
         for name in _DCP_CONFIGS:
             c = r[name]

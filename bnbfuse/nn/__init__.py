@@ -6,6 +6,8 @@
   :class:`FusionLayer`, :func:`register_fusion_module`, :func:`get_fusion_params`,
   :func:`set_trainable_params`: torchtune's fusion API; :func:`add_fusion_tokens` swaps a
   model's token embedding for a FusionEmbedding in one call.
+- :class:`ShardedEmbedding`: fairseq2's embedding-dimension sharding over a
+  ``torch.distributed`` process group.
 """
 from .embedding import Embedding, StableEmbedding
 from .fusion_embedding import FusionEmbedding
@@ -14,12 +16,12 @@ from .fusion_utils import (add_fusion_tokens, get_fusion_params, register_fusion
                            set_trainable_params)
 from .lookup import fusion_embedding_lookup
 from .quantized_table import QuantizedEmbeddingTable
+from .sharded import ShardedEmbedding
 from .standard_embedding import StandardEmbedding, init_scaled_embedding
 
 __all__ = [
     "Embedding", "StableEmbedding", "StandardEmbedding", "init_scaled_embedding",
     "FusionEmbedding", "FusionLayer", "QuantizedEmbeddingTable", "add_fusion_tokens",
     "get_fusion_params", "register_fusion_module", "set_trainable_params",
-    "fusion_embedding_lookup",
+    "fusion_embedding_lookup", "ShardedEmbedding",
 ]
-from .sharded import ShardedEmbedding  # noqa: E402,F401

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .. import functional as F
+from ..distributed import dtensor_optimizer_state_dict, local_optimizer_state_dict
 from .manager import GlobalOptimManager
 
 __all__ = ["Optimizer8bit", "Optimizer1State", "Optimizer2State"]
@@ -451,6 +452,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             out[k] = v.detach().to(device=local.device, copy=True)
         return out
 
+    def state_dict(self) -> dict:
+        """``torch.optim``'s state dict with bitsandbytes' state keys. The per-shard state of
+        DTensor (FSDP2) parameters comes as DTensors, so ``torch.distributed.checkpoint``
+        saves every rank's shard."""
+        return dtensor_optimizer_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state from :meth:`state_dict` (or a bitsandbytes optimizer's).
 
@@ -458,6 +465,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         device; they are copied, so the loaded optimizer never aliases ``state_dict``.
         Mismatched groups, keys or shapes raise ``ValueError``.
         """
+        state_dict = local_optimizer_state_dict(self, state_dict)
         name = type(self).__name__
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and "
