@@ -7,6 +7,7 @@ just instantiate it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -231,7 +232,21 @@ class NativeBackend:
 
         self.register("fusion_embedding_lookup", fusion_embedding_lookup)
 
-    def register_all(self) -> None:
-        self.register_quantization()
-        self.register_optimizers()
-        self.register_embeddings()
+    def register_all(self) -> list[str]:
+        """Registers every topic whose entry points the library has; returns the missing.
+
+        A library built from older sources lacks some entry points: those ops keep the
+        reference kernels (with a warning naming them) instead of breaking ``import bnbfuse``.
+        """
+        missing = []
+        for topic in (self.register_quantization, self.register_optimizers,
+                      self.register_embeddings):
+            try:
+                topic()
+            except AttributeError as err:  # ctypes: undefined symbol
+                missing.append(f"{topic.__name__.removeprefix('register_')} ({err})")
+        if missing:
+            warnings.warn(f"bnbfuse: {self.lib.path.name} is incomplete (rebuild with "
+                          f"`pip install -e .`); reference kernels serve: {'; '.join(missing)}",
+                          RuntimeWarning, stacklevel=2)
+        return missing
