@@ -62,7 +62,33 @@ lib.define(
     f"optimizer_norms_32bit(str optimizer, Tensor p, Tensor g, Tensor state1, Tensor? state2, "
     f"{_HPARAMS}) -> Tensor"
 )
-# (fake implementations: optimizer section)
+
+
+@torch.library.register_fake("bnbfuse::optimizer_update_8bit_blockwise")
+def _(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2, beta3,
+      alpha, eps, weight_decay, dampening, nesterov, step, gnorm_scale, update_scale):
+    torch._check(state1.dtype == torch.uint8, lambda: f"state1 must be uint8, got {state1.dtype}")
+    return None
+
+
+@torch.library.register_fake("bnbfuse::optimizer_update_32bit")
+def _(optimizer, p, g, state1, state2, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
+      dampening, nesterov, step, gnorm_scale, update_scale):
+    torch._check(state1.dtype == torch.float32,
+                 lambda: f"state1 must be float32, got {state1.dtype}")
+    return None
+
+
+@torch.library.register_fake("bnbfuse::optimizer_norms_8bit_blockwise")
+def _(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2, beta3,
+      alpha, eps, weight_decay, dampening, nesterov, step, gnorm_scale):
+    return torch.empty(2, dtype=torch.float32, device=p.device)
+
+
+@torch.library.register_fake("bnbfuse::optimizer_norms_32bit")
+def _(optimizer, p, g, state1, state2, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
+      dampening, nesterov, step, gnorm_scale):
+    return torch.empty(2, dtype=torch.float32, device=p.device)
 
 
 # ---- quantized embedding lookup (bnbfuse/nn) -----------------------------------------------
