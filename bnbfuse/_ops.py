@@ -92,4 +92,24 @@ def _(optimizer, p, g, state1, state2, lr, beta1, beta2, beta3, alpha, eps, weig
 
 
 # ---- quantized embedding lookup (bnbfuse/nn) -----------------------------------------------
-# Defined in the embedding section below this line.
+# fusion_embedding_lookup: out[i] = base row ids[i] (dequantized) if ids[i] < V, else fusion
+# row ids[i] - V, for int64 ids of any shape; out has shape (*ids.shape, D) and fusion's dtype.
+#   bits = 0: base is a float (V, D) table of fusion's dtype (absmax, qmap unused, may be empty)
+#   bits = 8: base is uint8 (V, D), value = qmap[code] * absmax[row, col // blocksize]
+#   bits = 4: base is uint8 (V, ceil(D/2)), element 2k in the high nibble of byte k
+# absmax is float32 (V, ceil(D / blocksize)); qmap float32 (256 for bits 8, 16 for bits 4).
+# Ids outside [0, V + F) raise IndexError (CPU, reference); CUDA kernels write zero rows for
+# them and the module asserts asynchronously. Autograd (registered in bnbfuse/nn): gradient
+# into fusion, and into base when bits == 0.
+lib.define(
+    "fusion_embedding_lookup(Tensor ids, Tensor base, Tensor absmax, Tensor qmap, Tensor fusion, "
+    "int bits, int blocksize) -> Tensor"
+)
+
+
+@torch.library.register_fake("bnbfuse::fusion_embedding_lookup")
+def _(ids, base, absmax, qmap, fusion, bits, blocksize):
+    torch._check(ids.dtype == torch.int64, lambda: f"ids must be int64, got {ids.dtype}")
+    torch._check(bits in (0, 4, 8), lambda: f"bits must be 0, 4 or 8, got {bits}")
+    torch._check(fusion.dim() == 2, lambda: "fusion table must be 2-D")
+    return torch.empty((*ids.shape, fusion.shape[1]), dtype=fusion.dtype, device=ids.device)

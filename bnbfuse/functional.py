@@ -177,6 +177,14 @@ def _check_input(A: torch.Tensor, blocksize: int) -> None:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
 
 
+def _check_code(code: torch.Tensor) -> None:
+    # Checked here, not only in the native backends: the reference kernels would otherwise
+    # index out of range or return codes of a wrong map silently.
+    if not isinstance(code, torch.Tensor) or code.numel() != 256:
+        raise ValueError(f"the quantization map must have 256 values, got "
+                         f"{code.numel() if isinstance(code, torch.Tensor) else type(code).__name__}")
+
+
 def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                        absmax: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                        blocksize: int = 4096, nested: bool = False):
@@ -200,6 +208,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     _check_input(A, blocksize)
     if code is None:
         code = dynamic_map(True, A.device)
+    _check_code(code)
     codes, amax = torch.ops.bnbfuse.quantize_blockwise(A, code.to(A.device), blocksize)
     if out is not None:
         codes = out.copy_(codes.view(out.shape))
@@ -233,6 +242,13 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
     if quant_state.nested:
         amax = dequantize_blockwise(amax, quant_state.state2) + quant_state.offset
     qcode = quant_state.code if quant_state.code is not None else dynamic_map(True, A.device)
+    _check_code(qcode)
+    bs = quant_state.blocksize
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"blocksize must be a positive int, got {bs!r}")
+    if amax.numel() < -(A.numel() // -bs):
+        raise ValueError(f"absmax has {amax.numel()} values; {A.numel()} codes in blocks of "
+                         f"{bs} need {-(A.numel() // -bs)}")
     result = torch.ops.bnbfuse.dequantize_blockwise(A, amax.to(torch.float32), qcode.to(A.device),
                                                     quant_state.blocksize, quant_state.dtype)
     if out is not None:

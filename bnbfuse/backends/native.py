@@ -84,7 +84,31 @@ class NativeBackend:
     # (optimizer section)
 
     # ---- quantized embedding lookup ------------------------------------------------------
-    # (embedding section)
+    def register_embeddings(self) -> None:
+        from .reference import check_lookup_args
+
+        lookup = self.function("fusion_embedding_lookup", P, I64, P, I32, P, P, I64, P, I64, I64,
+                               I64, P, I32)
+
+        def fusion_embedding_lookup(ids, base, absmax, qmap, fusion, bits, blocksize):
+            V, F, D = check_lookup_args(ids, base, absmax, qmap, fusion, bits, blocksize)
+            for name, t in (("base", base), ("fusion", fusion)):
+                if t.device != ids.device:
+                    raise ValueError(f"fusion_embedding_lookup: {name} is on {t.device}, ids on "
+                                     f"{ids.device}")
+            ids_c = ids.contiguous()
+            base_c, fusion_c = base.contiguous(), fusion.contiguous()
+            absmax_c = absmax.to(ids.device).contiguous() if bits else None
+            qmap_c = qmap.to(ids.device).contiguous() if bits else None
+            out = torch.empty((*ids.shape, D), dtype=fusion.dtype, device=ids.device)
+            self.lib.check(lookup(ptr(ids_c), ids_c.numel(), ptr(base_c) if V else None, bits,
+                                  ptr(absmax_c), ptr(qmap_c), V, ptr(fusion_c) if F else None,
+                                  F, D, blocksize, ptr(out), dtype_code(fusion.dtype),
+                                  self.last_value(ids)), "fusion_embedding_lookup")
+            return out
+
+        self.register("fusion_embedding_lookup", fusion_embedding_lookup)
 
     def register_all(self) -> None:
         self.register_quantization()
+        self.register_embeddings()

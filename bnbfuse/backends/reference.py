@@ -404,4 +404,77 @@ for _name in ("optimizer_update_8bit_blockwise", "optimizer_update_32bit",
 
 
 # ---- quantized embedding lookup ------------------------------------------------------------
-# (embedding section)
+
+
+def check_lookup_args(ids, base, absmax, qmap, fusion, bits, blocksize):
+    """Shape/dtype checks shared by every backend of fusion_embedding_lookup; returns (V, F, D)."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"fusion_embedding_lookup: ids must be int64, got {ids.dtype}")
+    if bits not in (0, 4, 8):
+        raise ValueError(f"fusion_embedding_lookup: bits must be 0, 4 or 8, got {bits}")
+    if fusion.dim() != 2 or base.dim() != 2:
+        raise ValueError("fusion_embedding_lookup: base and fusion tables must be 2-D")
+    V, (F, D) = base.shape[0], fusion.shape
+    if fusion.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fusion_embedding_lookup: tables must be float32/float16/bfloat16, "
+                        f"got {fusion.dtype}")
+    if bits == 0:
+        if base.dtype != fusion.dtype or base.shape[1] != D:
+            raise ValueError(f"fusion_embedding_lookup: base {tuple(base.shape)} {base.dtype} does "
+                             f"not match fusion {tuple(fusion.shape)} {fusion.dtype}")
+    else:
+        if base.dtype != torch.uint8:
+            raise TypeError(f"fusion_embedding_lookup: quantized base must be uint8, got {base.dtype}")
+        cols = D if bits == 8 else (D + 1) // 2
+        nblk = -(D // -blocksize) if blocksize > 0 else -1
+        if blocksize < 1 or base.shape[1] != cols:
+            raise ValueError(f"fusion_embedding_lookup: {bits}-bit base of {D} columns must have "
+                             f"{cols} code columns and blocksize >= 1, got {tuple(base.shape)}, "
+                             f"blocksize {blocksize}")
+        if tuple(absmax.shape) != (V, nblk) or absmax.dtype != torch.float32:
+            raise ValueError(f"fusion_embedding_lookup: absmax must be float32 {(V, nblk)}, got "
+                             f"{absmax.dtype} {tuple(absmax.shape)}")
+        if qmap.numel() != (256 if bits == 8 else 16) or qmap.dtype != torch.float32:
+            raise ValueError(f"fusion_embedding_lookup: qmap must hold {256 if bits == 8 else 16} "
+                             f"float32 values, got {qmap.numel()} {qmap.dtype}")
+    return V, F, D
+
+
+def check_ids_in_range(flat: torch.Tensor, total: int) -> None:
+    """IndexError naming the first id outside [0, total) (synchronizes: reference/CPU only)."""
+    if flat.numel() == 0:
+        return
+    bad = (flat < 0) | (flat >= total)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise IndexError(f"token id {int(flat[pos])} at flat position {pos} is out of range "
+                         f"[0, {total}) (vocab_size + fusion_vocab_size)")
+
+
+def fusion_embedding_lookup(ids, base, absmax, qmap, fusion, bits, blocksize):
+    V, F, D = check_lookup_args(ids, base, absmax, qmap, fusion, bits, blocksize)
+    flat = ids.reshape(-1)
+    check_ids_in_range(flat, V + F)
+    is_new = flat >= V
+    # Both gathers read a valid row for every token; torch.where then picks one (no
+    # data-dependent shapes, so this also runs without a host sync on any device).
+    base_rows = base[torch.where(is_new, 0, flat)] if V else None
+    if bits == 0:
+        rows = base_rows
+    elif V:
+        if bits == 8:
+            idx = base_rows.long()
+        else:
+            idx = torch.stack([(base_rows >> 4).long(), (base_rows & 15).long()], -1).flatten(-2)[:, :D]
+        scale = absmax[torch.where(is_new, 0, flat)].repeat_interleave(blocksize, dim=1)[:, :D]
+        rows = (qmap.to(torch.float32)[idx] * scale).to(fusion.dtype)
+    if F == 0:
+        out = rows
+    else:
+        new_rows = fusion[torch.where(is_new, flat - V, 0)]
+        out = new_rows if V == 0 else torch.where(is_new[:, None], new_rows, rows)
+    return out.reshape(*ids.shape, D).clone()
+
+
+torch.library.impl("bnbfuse::fusion_embedding_lookup", "CompositeExplicitAutograd")(
+    fusion_embedding_lookup)

@@ -14,7 +14,12 @@
                             void* out, int dtype, int64_t blocksize, int64_t n,           \
                             int num_threads);                                             \
   /* quantize one block of fp32 values already known: writes codes, returns absmax */     \
-  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n);
+  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n);  \
+  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/embedding.cpp) */ \
+  void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,    \
+                               const float* absmax, const float* qmap, int64_t vocab_size,   \
+                               const void* fusion, int64_t embed_dim, int64_t blocksize,     \
+                               void* out, int dtype, int num_threads);
 
 namespace bnbf {
 namespace generic { BNBF_CPU_KERNELS }

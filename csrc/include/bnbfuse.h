@@ -90,4 +90,29 @@ BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
                                             const float* absmax, void* out, int dtype,
                                             int64_t blocksize, int64_t n, void* stream);
 
+/* ---- FusionEmbedding lookup: fused gather + dequantize with new-token routing ----
+ * For each of the n ids: id in [0, vocab_size) reads base row id, id in
+ * [vocab_size, vocab_size + fusion_vocab_size) reads fusion row id - vocab_size; the row of
+ * embed_dim values is written to out + i * embed_dim (element type `dtype`).
+ *   bits 0: base is a float table of `dtype`, (vocab_size, embed_dim); absmax/qmap unused.
+ *   bits 8: base is uint8 (vocab_size, embed_dim); value = qmap[code] * absmax[row, col/blocksize]
+ *           with qmap of 256 floats.
+ *   bits 4: base is uint8 (vocab_size, ceil(embed_dim/2)); element 2k in the high nibble of
+ *           byte k, 2k+1 in the low nibble; qmap of 16 floats.
+ * absmax is float32 (vocab_size, ceil(embed_dim / blocksize)); fusion is (fusion_vocab_size,
+ * embed_dim) of `dtype`. CPU: an id out of range returns BNBF_E_INDEX (nothing is read out of
+ * bounds). CUDA: checks run without a host sync, so an out-of-range id gets a zero row. */
+BNBF_API int bnbf_cpu_fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base,
+                                              int bits, const float* absmax, const float* qmap,
+                                              int64_t vocab_size, const void* fusion,
+                                              int64_t fusion_vocab_size, int64_t embed_dim,
+                                              int64_t blocksize, void* out, int dtype,
+                                              int num_threads);
+BNBF_API int bnbf_cuda_fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base,
+                                               int bits, const float* absmax, const float* qmap,
+                                               int64_t vocab_size, const void* fusion,
+                                               int64_t fusion_vocab_size, int64_t embed_dim,
+                                               int64_t blocksize, void* out, int dtype,
+                                               void* stream);
+
 #endif /* BNBFUSE_H */

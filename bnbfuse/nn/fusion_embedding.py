@@ -1,0 +1,236 @@
+"""``FusionEmbedding``: a frozen (optionally 8/4-bit) base vocabulary plus new trainable tokens."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import quant_tables as qt
+from ._override import keep_32bit_state
+from .lookup import fusion_embedding_lookup
+from .quantized_table import QuantizedEmbeddingTable
+
+__all__ = ["FusionEmbedding"]
+
+# state_dict name of each buffer of a quantized base (module name -> checkpoint name)
+_QUANT_KEYS = {"embedding.weight": "weight", "embedding.absmax": "weight_absmax",
+               "embedding.qmap": "weight_qmap"}
+
+
+def _check_size(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class FusionEmbedding(torch.nn.Module):
+    """Base vocabulary + a small table of new tokens, with the base optionally int8/NF4.
+
+    The torchtune ``FusionEmbedding`` API: ids in ``[0, vocab_size)`` read the base table
+    ``.embedding``, ids in ``[vocab_size, vocab_size + fusion_vocab_size)`` read the
+    new-token table ``.fusion_embedding``. Use it as a drop-in ``nn.Embedding`` replacement
+    when adding tokens (image markers, tool tokens) to a pretrained model.
+
+    With ``base_quant="int8"`` (1.0625 bytes/param) or ``"nf4"`` (0.5625 bytes/param) the
+    base is frozen and stored quantized in blocks of ``blocksize`` values per row; one fused
+    kernel gathers, dequantizes and routes the rows (no ``masked_select``, no host sync on
+    CUDA). Only the new-token table then receives gradients. With ``base_quant=None`` the
+    base is a plain ``nn.Embedding`` and both tables receive gradients (freeze the base
+    with :func:`set_trainable_params` and :meth:`fusion_params`, as in torchtune). Every
+    float table registered here keeps 32-bit state in bnbfuse 8-bit optimizers.
+
+    ``state_dict`` keys: ``weight`` (the base: float, or uint8 codes with ``weight_absmax``
+    float32 ``(V, ceil(D/blocksize))`` scales and ``weight_qmap`` the value map) and
+    ``fusion_embedding.weight``. The original model's ``nn.Embedding`` checkpoint therefore
+    loads with ``strict=False`` (a float ``weight`` is quantized on load), a dict with only
+    the fusion table loads too, and save/load of a quantized base is bit-exact.
+
+    Args:
+        vocab_size (int): rows ``V`` of the base table.
+        fusion_vocab_size (int): rows ``F`` of the new-token table.
+        embed_dim (int): embedding dimension ``D``.
+        base_quant (str, optional): ``None``, ``"int8"`` or ``"nf4"``.
+        blocksize (int): values per scale block of a quantized base (default 64).
+        device, dtype: factory arguments; ``dtype`` is the dtype of the float tables and of
+            the output.
+
+    Shapes:
+        input ``(*)`` integer ids in ``[0, V + F)`` → output ``(*, D)``.
+
+    Raises:
+        TypeError for non-integer ids; IndexError for ids outside ``[0, V + F)``.
+
+    Example:
+        >>> import torch
+        >>> from bnbfuse.nn import FusionEmbedding
+        >>> emb = FusionEmbedding(vocab_size=100, fusion_vocab_size=10, embed_dim=64,
+        ...                       base_quant="nf4")
+        >>> emb(torch.tensor([[1, 99, 100, 109]])).shape
+        torch.Size([1, 4, 64])
+        >>> emb.fusion_params()
+        ['fusion_embedding.weight']
+        >>> sorted(emb.state_dict())
+        ['fusion_embedding.weight', 'weight', 'weight_absmax', 'weight_qmap']
+    """
+
+    def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int, *,
+                 base_quant: Optional[str] = None, blocksize: int = qt.DEFAULT_BLOCKSIZE,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        _check_size("vocab_size", vocab_size, 1)
+        _check_size("fusion_vocab_size", fusion_vocab_size, 0)
+        _check_size("embed_dim", embed_dim, 1)
+        if base_quant is not None:
+            qt.bits_of(base_quant)  # validates the name
+        self.vocab_size, self.fusion_vocab_size, self.dim = vocab_size, fusion_vocab_size, embed_dim
+        self.base_quant, self.blocksize = base_quant, blocksize
+        if base_quant is None:
+            self.embedding = torch.nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
+            keep_32bit_state(self.embedding, "weight")
+        else:
+            self.embedding = QuantizedEmbeddingTable(vocab_size, embed_dim, base_quant, blocksize,
+                                                     device=device)
+        self.fusion_embedding = torch.nn.Embedding(fusion_vocab_size, embed_dim, device=device,
+                                                   dtype=dtype)
+        keep_32bit_state(self.fusion_embedding, "weight")
+        self._load_prefix: Optional[str] = None
+        self.register_state_dict_post_hook(FusionEmbedding._state_dict_hook)
+        self.register_load_state_dict_pre_hook(FusionEmbedding._load_state_dict_pre_hook)
+        self.register_load_state_dict_post_hook(FusionEmbedding._load_state_dict_post_hook)
+
+    # ---- properties ----------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.dim
+
+    @property
+    def quantized(self) -> bool:
+        return self.base_quant is not None
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, input: Tensor) -> Tensor:
+        """Embeddings of ``input`` ids ``(*)`` → ``(*, D)`` in the fusion table's dtype."""
+        fusion = self.fusion_embedding.weight
+        if self.quantized:
+            e = self.embedding
+            return fusion_embedding_lookup(input, e.weight, e.absmax, e.qmap, fusion, e.bits,
+                                           e.blocksize)
+        return fusion_embedding_lookup(input, self.embedding.weight, None, None, fusion, 0, 1)
+
+    def fusion_params(self) -> list[str]:
+        """Names of the new-token parameters (torchtune API)."""
+        return ["fusion_embedding.weight"]
+
+    # ---- construction and conversion -------------------------------------------------------
+    @classmethod
+    def from_embedding(cls, embedding: torch.nn.Embedding, fusion_vocab_size: int, *,
+                       base_quant: Optional[str] = None,
+                       blocksize: int = qt.DEFAULT_BLOCKSIZE) -> "FusionEmbedding":
+        """Wraps an existing ``nn.Embedding`` (its rows become the base vocabulary).
+
+        A plain base shares ``embedding.weight`` (no copy, tied output heads stay tied); a
+        quantized base is quantized from it. New rows start at the mean of the base rows
+        plus ``N(0, (0.01 * std)^2)`` noise per dimension, so the new tokens begin inside
+        the distribution the model knows.
+
+        Example:
+            >>> import torch
+            >>> from bnbfuse.nn import FusionEmbedding
+            >>> old = torch.nn.Embedding(50, 16)
+            >>> new = FusionEmbedding.from_embedding(old, 3, base_quant="int8")
+            >>> new(torch.tensor([52])).shape
+            torch.Size([1, 16])
+        """
+        weight = getattr(embedding, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise TypeError(f"from_embedding needs a module with a 2-D float .weight, got "
+                            f"{type(embedding).__name__}")
+        V, D = weight.shape
+        out = cls(V, fusion_vocab_size, D, base_quant=base_quant, blocksize=blocksize,
+                  device="meta", dtype=weight.dtype)
+        out.to_empty(device=weight.device)
+        with torch.no_grad():
+            if base_quant is None:
+                out.embedding.weight = weight
+            else:
+                out.embedding.qmap.copy_(qt.quant_map(base_quant, weight.device))
+                out.embedding.quantize_(weight)
+            w = weight.detach().float()
+            mean, std = w.mean(0), w.std(0) if V > 1 else torch.zeros_like(w[0])
+            noise = torch.randn(fusion_vocab_size, D, device=weight.device)
+            out.fusion_embedding.weight.copy_(mean + 0.01 * std * noise)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> torch.nn.Embedding:
+        """One plain ``nn.Embedding`` of ``vocab_size + fusion_vocab_size`` rows (the base
+        dequantized), in the fusion table's dtype and device."""
+        fusion = self.fusion_embedding.weight
+        base = (self.embedding.dequantize(fusion.dtype) if self.quantized
+                else self.embedding.weight.to(fusion.dtype))
+        merged = torch.nn.Embedding(self.vocab_size + self.fusion_vocab_size, self.dim,
+                                    device=fusion.device, dtype=fusion.dtype)
+        merged.weight.copy_(torch.cat([base, fusion]))
+        return merged
+
+    def extra_repr(self) -> str:
+        s = f"vocab_size={self.vocab_size}, fusion_vocab_size={self.fusion_vocab_size}, embed_dim={self.dim}"
+        if self.quantized:
+            s += f", base_quant={self.base_quant!r}, blocksize={self.blocksize}"
+        return s
+
+    # ---- checkpoint keys ---------------------------------------------------------------------
+    def _key_map(self) -> dict[str, str]:
+        return dict(_QUANT_KEYS) if self.quantized else {"embedding.weight": "weight"}
+
+    def _state_dict_hook(self, state_dict, prefix, local_metadata) -> None:
+        for inner, outer in self._key_map().items():
+            if prefix + inner in state_dict:
+                state_dict[prefix + outer] = state_dict.pop(prefix + inner)
+
+    def _load_state_dict_pre_hook(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs) -> None:
+        self._load_prefix = prefix
+        key = prefix + "weight"
+        if key not in state_dict:
+            return
+        value = state_dict[key]
+        if not self.quantized:
+            if isinstance(value, Tensor) and not value.is_floating_point():
+                error_msgs.append(
+                    f"{key}: the checkpoint holds a quantized base ({value.dtype}); build "
+                    f"FusionEmbedding with the base_quant it was saved with")
+                return
+            state_dict[prefix + "embedding.weight"] = state_dict.pop(key)
+            return
+        if isinstance(value, Tensor) and value.is_floating_point():
+            # A float table (the original model's nn.Embedding): quantize it here.
+            if tuple(value.shape) != (self.vocab_size, self.dim):
+                error_msgs.append(f"{key}: expected a ({self.vocab_size}, {self.dim}) table, "
+                                  f"got {tuple(value.shape)}")
+                return
+            device = self.embedding.weight.device
+            if device.type == "meta":
+                device = value.device
+            codes, absmax = qt.quantize_table(value.detach().to(device), self.base_quant,
+                                              self.blocksize)
+            state_dict.pop(key)
+            state_dict[prefix + "embedding.weight"] = codes
+            state_dict[prefix + "embedding.absmax"] = absmax
+            state_dict[prefix + "embedding.qmap"] = qt.quant_map(self.base_quant, device).clone()
+            for extra in ("weight_absmax", "weight_qmap"):
+                state_dict.pop(prefix + extra, None)
+            return
+        for inner, outer in _QUANT_KEYS.items():
+            if prefix + outer in state_dict:
+                state_dict[prefix + inner] = state_dict.pop(prefix + outer)
+
+    def _load_state_dict_post_hook(self, incompatible_keys) -> None:
+        # Report missing keys under their checkpoint names ("weight", not "embedding.weight").
+        prefix = self._load_prefix
+        if prefix is None:
+            return
+        names = {prefix + inner: prefix + outer for inner, outer in self._key_map().items()}
+        keys = incompatible_keys.missing_keys
+        keys[:] = [names.get(k, k) for k in keys]
+        self._load_prefix = None

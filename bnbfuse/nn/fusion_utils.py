@@ -1,0 +1,155 @@
+"""Fusion helpers (torchtune API) and the one-call token-embedding swap."""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Optional
+
+import torch
+
+from .. import quant_tables as qt
+from .fusion_embedding import FusionEmbedding
+
+__all__ = ["register_fusion_module", "get_fusion_params", "set_trainable_params",
+           "add_fusion_tokens"]
+
+
+def _all_param_names(module: torch.nn.Module) -> list[str]:
+    return [name for name, _ in module.named_parameters()]
+
+
+def register_fusion_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Marks every parameter of ``module`` as a fusion parameter (adds ``fusion_params()``).
+
+    Args:
+        module: a new module added to a pretrained model (a projection head, an adapter).
+
+    Returns:
+        ``module`` itself.
+
+    Example:
+        >>> import torch
+        >>> from bnbfuse.nn import register_fusion_module
+        >>> head = register_fusion_module(torch.nn.Linear(4, 2))
+        >>> head.fusion_params()
+        ['weight', 'bias']
+    """
+    module.fusion_params = functools.partial(_all_param_names, module)
+    return module
+
+
+def get_fusion_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Full names → parameters of every module's ``fusion_params()`` in ``model``.
+
+    Example:
+        >>> import torch
+        >>> from bnbfuse.nn import FusionEmbedding, get_fusion_params
+        >>> model = torch.nn.Sequential(FusionEmbedding(10, 2, 4), torch.nn.Linear(4, 4))
+        >>> list(get_fusion_params(model))
+        ['0.fusion_embedding.weight']
+    """
+    result: dict[str, torch.nn.Parameter] = {}
+    for mod_name, module in model.named_modules():
+        names = getattr(module, "fusion_params", None)
+        if not callable(names):
+            continue
+        wanted = list(names())
+        params = dict(module.named_parameters())
+        missing = [n for n in wanted if n not in params]
+        if missing:
+            raise ValueError(f"{mod_name or type(module).__name__}.fusion_params() names "
+                             f"parameters it does not have: {missing}")
+        for n in wanted:
+            result[f"{mod_name}.{n}" if mod_name else n] = params[n]
+    return result
+
+
+def set_trainable_params(model: torch.nn.Module, trainable_param_names: Iterable[str]) -> None:
+    """``requires_grad = True`` exactly for the named parameters of ``model``, False otherwise.
+
+    Raises:
+        ValueError: a name is not a parameter of ``model`` (a typo would silently freeze all).
+
+    Example:
+        >>> import torch
+        >>> from bnbfuse.nn import FusionEmbedding, get_fusion_params, set_trainable_params
+        >>> model = torch.nn.Sequential(FusionEmbedding(10, 2, 4), torch.nn.Linear(4, 4))
+        >>> set_trainable_params(model, get_fusion_params(model))
+        >>> [n for n, p in model.named_parameters() if p.requires_grad]
+        ['0.fusion_embedding.weight']
+    """
+    names = set(trainable_param_names)
+    params = dict(model.named_parameters())
+    unknown = sorted(names - params.keys())
+    if unknown:
+        raise ValueError(f"not parameters of the model: {unknown}")
+    for name, p in params.items():
+        p.requires_grad_(name in names)
+
+
+def _resolve(model: torch.nn.Module, attr: str):
+    parent = model
+    parts = attr.split(".")
+    for part in parts[:-1]:
+        if not hasattr(parent, part):
+            raise AttributeError(f"{type(model).__name__} has no submodule {attr!r} ({part!r} "
+                                 f"not found)")
+        parent = getattr(parent, part)
+    if not hasattr(parent, parts[-1]):
+        raise AttributeError(f"{type(model).__name__} has no attribute {attr!r}")
+    return parent, parts[-1]
+
+
+def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Optional[str] = None,
+                      base_quant: Optional[str] = None,
+                      blocksize: int = qt.DEFAULT_BLOCKSIZE) -> FusionEmbedding:
+    """Swaps the token embedding of ``model`` for a :class:`FusionEmbedding`, in place.
+
+    Ids ``[0, V)`` keep their pretrained rows; ids ``[V, V + num_new_tokens)`` get new
+    trainable rows. The embedding is found with ``model.get_input_embeddings()`` /
+    ``set_input_embeddings()`` (Hugging Face transformers models) or, with ``attr``, by a
+    dotted attribute path (``"tok_embeddings"``, ``"model.embed_tokens"``).
+
+    The output head is not changed: a tied head keeps the original float weight (with a
+    quantized base the head then still holds the full table), and new tokens can be fed
+    in but not predicted until the head is extended.
+
+    Args:
+        model: the model to modify.
+        num_new_tokens: rows of the new-token table.
+        attr: dotted path of the embedding module; default: ``get_input_embeddings``.
+        base_quant: ``None``, ``"int8"`` or ``"nf4"`` for the frozen base.
+        blocksize: values per scale block of a quantized base.
+
+    Returns:
+        The new :class:`FusionEmbedding` (already in ``model``).
+
+    Example:
+        >>> import torch
+        >>> from bnbfuse.nn import add_fusion_tokens
+        >>> model = torch.nn.Sequential()
+        >>> model.tok_embeddings = torch.nn.Embedding(100, 16)
+        >>> emb = add_fusion_tokens(model, 4, attr="tok_embeddings", base_quant="int8")
+        >>> model.tok_embeddings is emb, emb(torch.tensor([103])).shape
+        (True, torch.Size([1, 16]))
+    """
+    if attr is None:
+        getter = getattr(model, "get_input_embeddings", None)
+        setter = getattr(model, "set_input_embeddings", None)
+        if not (callable(getter) and callable(setter)):
+            raise ValueError(f"{type(model).__name__} has no get_input_embeddings/"
+                             f"set_input_embeddings; pass attr='<path of the embedding>'")
+        old = getter()
+    else:
+        parent, name = _resolve(model, attr)
+        old = getattr(parent, name)
+    if isinstance(old, FusionEmbedding):
+        raise ValueError("the token embedding is already a FusionEmbedding")
+    if not isinstance(old, torch.nn.Embedding):
+        raise TypeError(f"the token embedding must be an nn.Embedding, got {type(old).__name__}")
+    new = FusionEmbedding.from_embedding(old, num_new_tokens, base_quant=base_quant,
+                                         blocksize=blocksize)
+    if attr is None:
+        setter(new)
+    else:
+        setattr(parent, name, new)
+    return new

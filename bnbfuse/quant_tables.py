@@ -1,0 +1,164 @@
+"""Row-aligned quantization of embedding tables (int8 and NF4) for ``FusionEmbedding``.
+
+An embedding table ``(rows, dim)`` is cut into blocks of ``blocksize`` elements *inside each
+row* (a row is never split across a block boundary shared with another row), so that any row
+can be dequantized alone: the lookup kernel reads only the rows it gathers. Each block is
+divided by its absolute maximum and every element is rounded to the nearest value of a small
+map (exact round-to-nearest, ties to the larger value, as everywhere in bnbfuse):
+
+- ``"int8"``: the 255-level linear map ``k / 127`` (``k = -127 .. 127``), one byte per value,
+  ``absmax`` float32 per block of 64: ``1 + 4/64 = 1.0625`` bytes/param. Measured on
+  ``randn(4096, 1024)``: mean |error| / mean |w| = 0.63 % (the dynamic map of the optimizers in
+  the same blocks gives 0.94 %, a row-wise linear absmax 0.85 %; see docs/embeddings.md).
+- ``"nf4"``: the 16-value NormalFloat map of QLoRA, two values per byte (element ``2k`` in the
+  high nibble of byte ``k``, ``2k + 1`` in the low one), ``absmax`` float32 per block of 64:
+  ``0.5 + 4/64 = 0.5625`` bytes/param; mean |error| / mean |w| = 9.1 % on the same table.
+
+Example:
+    >>> import torch
+    >>> from bnbfuse import quant_tables as qt
+    >>> w = torch.randn(10, 64)
+    >>> codes, absmax = qt.quantize_table(w, "int8")
+    >>> codes.shape, absmax.shape
+    (torch.Size([10, 64]), torch.Size([10, 1]))
+    >>> w2 = qt.dequantize_table(codes, absmax, "int8", 64)
+    >>> bool(((w2 - w).abs().mean() / w.abs().mean()) < 0.01)
+    True
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SCHEMES", "quant_map", "quantize_table", "dequantize_table", "code_shape",
+           "bits_of", "table_bytes"]
+
+SCHEMES = ("int8", "nf4")
+DEFAULT_BLOCKSIZE = 64
+
+# NormalFloat-4 (Dettmers et al., QLoRA): quantiles of N(0, 1) scaled to [-1, 1], with an
+# exact zero. The 16 float32 values below are that definition, rounded to float32.
+_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+
+_MAPS: dict = {}
+
+
+def bits_of(scheme: str) -> int:
+    """Bits per stored value: 8 for ``"int8"``, 4 for ``"nf4"``."""
+    _check_scheme(scheme)
+    return 8 if scheme == "int8" else 4
+
+
+def _check_scheme(scheme) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"base_quant must be one of {SCHEMES} or None, got {scheme!r}")
+
+
+def quant_map(scheme: str, device=None) -> torch.Tensor:
+    """The float32 value map of ``scheme``: 256 values for int8 (index = stored byte; index
+    255 repeats +1 and is never produced), 16 for NF4. Cached; do not modify."""
+    _check_scheme(scheme)
+    key = (scheme, str(torch.device(device) if device is not None else "cpu"))
+    if key not in _MAPS:
+        if scheme == "int8":
+            # byte b holds k = b - 127 for b in 0..254, i.e. the value (b - 127) / 127.
+            values = (torch.arange(256, dtype=torch.float32) - 127).clamp_(max=127) / 127
+        else:
+            values = torch.tensor(_NF4, dtype=torch.float32)
+        _MAPS[key] = values.to(key[1])
+    return _MAPS[key]
+
+
+def code_shape(rows: int, dim: int, scheme: str) -> tuple[int, int]:
+    """Shape of the uint8 code tensor of a ``(rows, dim)`` table."""
+    return (rows, dim if bits_of(scheme) == 8 else (dim + 1) // 2)
+
+
+def table_bytes(rows: int, dim: int, scheme: str, blocksize: int = DEFAULT_BLOCKSIZE) -> int:
+    """Bytes of codes plus absmax of a quantized ``(rows, dim)`` table (the map not counted)."""
+    r, c = code_shape(rows, dim, scheme)
+    return r * c + rows * (-(dim // -blocksize)) * 4
+
+
+def _nearest(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Index into the *sorted* ``values`` nearest each float32 of ``x`` (ties to the larger)."""
+    mid = (values[:-1].double() + values[1:].double()) / 2
+    thr = mid.float()
+    # smallest float32 >= the exact midpoint, so that ``x >= thr`` is the exact comparison
+    thr = torch.where(thr.double() < mid, torch.nextafter(thr, torch.full_like(thr, float("inf"))), thr)
+    return torch.searchsorted(thr, x.contiguous(), right=True)
+
+
+def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_BLOCKSIZE,
+                   rows_per_chunk: int = 8192):
+    """Quantizes a 2-D float table row-blockwise.
+
+    Args:
+        weight: ``(rows, dim)`` float32/float16/bfloat16 tensor (any device).
+        scheme: ``"int8"`` or ``"nf4"``.
+        blocksize: elements per block inside a row (>= 2).
+        rows_per_chunk: rows processed at once (bounds the temporary memory).
+
+    Returns:
+        ``(codes, absmax)``: uint8 ``code_shape(rows, dim, scheme)`` and float32
+        ``(rows, ceil(dim / blocksize))``, on ``weight``'s device.
+    """
+    _check_scheme(scheme)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"quantize_table takes a 2-D tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"quantize_table takes a float tensor, got {weight.dtype}")
+    if not isinstance(blocksize, int) or blocksize < 2:
+        raise ValueError(f"blocksize must be an int >= 2, got {blocksize!r}")
+    rows, dim = weight.shape
+    nblk = -(dim // -blocksize)
+    values = quant_map(scheme, weight.device)
+    sorted_values, order = torch.sort(values[:255] if scheme == "int8" else values, stable=True)
+    codes = torch.empty(code_shape(rows, dim, scheme), dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(rows, nblk, dtype=torch.float32, device=weight.device)
+    pad = nblk * blocksize - dim
+    for r0 in range(0, rows, rows_per_chunk):
+        x = weight[r0:r0 + rows_per_chunk].to(torch.float32)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+        xb = x.view(x.shape[0], nblk, blocksize)
+        amax = xb.abs().amax(dim=2)
+        div = torch.where(amax == 0, torch.ones_like(amax), amax)
+        idx = order[_nearest((xb / div[:, :, None]).reshape(-1), sorted_values)]
+        idx = idx.view(x.shape[0], -1)[:, :dim].to(torch.uint8)
+        if scheme == "nf4":
+            if dim % 2:
+                idx = torch.nn.functional.pad(idx, (0, 1))
+            idx = (idx[:, 0::2] << 4) | idx[:, 1::2]
+        codes[r0:r0 + rows_per_chunk] = idx
+        absmax[r0:r0 + rows_per_chunk] = amax
+    return codes, absmax
+
+
+def unpack_codes(codes: torch.Tensor, scheme: str, dim: int) -> torch.Tensor:
+    """Map indices (int64) of shape ``(..., dim)`` from stored codes."""
+    if bits_of(scheme) == 8:
+        return codes.long()
+    hi, lo = (codes >> 4).long(), (codes & 15).long()
+    return torch.stack([hi, lo], dim=-1).flatten(-2)[..., :dim]
+
+
+def dequantize_table(codes: torch.Tensor, absmax: torch.Tensor, scheme: str,
+                     blocksize: int = DEFAULT_BLOCKSIZE, dim: int | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_table`: ``map[code] * absmax[row, block]`` in ``dtype``.
+
+    ``codes`` may hold any subset of rows (with the matching rows of ``absmax``); ``dim``
+    defaults to ``codes.shape[-1]`` (int8) or ``2 * codes.shape[-1]`` (NF4).
+    """
+    if dim is None:
+        dim = codes.shape[-1] * (1 if bits_of(scheme) == 8 else 2)
+    idx = unpack_codes(codes, scheme, dim)
+    values = quant_map(scheme, codes.device)[idx]
+    scale = absmax.to(torch.float32).repeat_interleave(blocksize, dim=-1)[..., :dim]
+    return (values * scale).to(dtype)

@@ -1,0 +1,116 @@
+// Fused gather + dequantize of embedding rows with new-token routing (FusionEmbedding).
+//
+// Only the rows a batch gathers are touched: a token's row is copied (fusion table or a float
+// base) or dequantized block by block (int8 / NF4 base) straight into the output.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels.h"
+#include "runtime.h"
+#include "simd.h"
+
+namespace bnbf {
+namespace BNBF_ISA_NS {
+
+// fp32 values of `len` elements of one row, starting at element `j0` (a block start).
+static inline void dequant_int8(const uint8_t* codes, const float* qmap, float scale, float* dst,
+                                int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  const __m256 s = _mm256_set1_ps(scale);
+  for (; i + 8 <= len; i += 8) {
+    __m128i c8 = _mm_loadl_epi64((const __m128i*)(codes + i));
+    __m256 v = _mm256_i32gather_ps(qmap, _mm256_cvtepu8_epi32(c8), 4);
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, s));
+  }
+#endif
+  for (; i < len; ++i) dst[i] = qmap[codes[i]] * scale;
+}
+
+// NF4: element e of the row sits in byte e/2, high nibble when e is even.
+static inline float nf4_at(const uint8_t* row, const float* qmap, int64_t e) {
+  uint8_t b = row[e >> 1];
+  return qmap[(e & 1) ? (b & 15) : (b >> 4)];
+}
+
+static inline void dequant_nf4(const uint8_t* row, const float* qmap, float scale, float* dst,
+                               int64_t j0, int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  if ((j0 & 1) == 0) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 lo_map = _mm256_loadu_ps(qmap), hi_map = _mm256_loadu_ps(qmap + 8);
+    // bytes b0 b0 b1 b1 b2 b2 b3 b3 -> 8 lanes; even lanes shift by 4 (high nibble first)
+    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    const __m256i nib = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
+    const uint8_t* p = row + (j0 >> 1);
+    for (; i + 8 <= len; i += 8) {
+      uint32_t four;
+      std::memcpy(&four, p + (i >> 1), 4);
+      __m128i b = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)four), dup);
+      __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), shifts), nib);
+      __m256 lo = _mm256_permutevar8x32_ps(lo_map, idx);
+      __m256 hi = _mm256_permutevar8x32_ps(hi_map, idx);
+      __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_blendv_ps(lo, hi, high), s));
+    }
+  }
+#endif
+  for (; i < len; ++i) dst[i] = nf4_at(row, qmap, j0 + i) * scale;
+}
+
+template <int DT>
+static inline void store_row(const float* src, void* out, int64_t off, int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  for (; i + 8 <= len; i += 8) store8<DT>(out, off + i, _mm256_loadu_ps(src + i));
+#endif
+  for (; i < len; ++i) store1<DT>(out, off + i, src[i]);
+}
+
+void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,
+                             const float* absmax, const float* qmap, int64_t vocab_size,
+                             const void* fusion, int64_t embed_dim, int64_t blocksize, void* out,
+                             int dtype, int num_threads) {
+  const int64_t D = embed_dim;
+  const int64_t esize = dtype == BNBF_F32 ? 4 : 2;
+  const int64_t row_bytes = D * esize;
+  const int64_t nblk = bits ? (D + blocksize - 1) / blocksize : 0;
+  const int64_t code_cols = bits == 8 ? D : (D + 1) / 2;
+  // ~16 KiB of output per chunk keeps the pool's overhead small for narrow tables.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes));
+  dispatch_dtype(dtype, [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    parallel_for(n, grain, num_threads, [&](int64_t t0, int64_t t1) {
+      alignas(64) float buf[256];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t id = ids[t];
+        char* dst = (char*)out + t * row_bytes;
+        if (id >= vocab_size) {
+          std::memcpy(dst, (const char*)fusion + (id - vocab_size) * row_bytes, row_bytes);
+          continue;
+        }
+        if (bits == 0) {
+          std::memcpy(dst, (const char*)base + id * row_bytes, row_bytes);
+          continue;
+        }
+        const uint8_t* row = (const uint8_t*)base + id * code_cols;
+        const float* am = absmax + id * nblk;
+        for (int64_t b = 0; b < nblk; ++b) {
+          const int64_t j0 = b * blocksize, len = std::min(blocksize, D - j0);
+          // A block goes through the stack buffer in pieces of 256 (any blocksize works).
+          for (int64_t k = 0; k < len; k += 256) {
+            const int64_t kl = std::min<int64_t>(256, len - k);
+            if (bits == 8) dequant_int8(row + j0 + k, qmap, am[b], buf, kl);
+            else dequant_nf4(row, qmap, am[b], buf, j0 + k, kl);
+            store_row<DT>(buf, out, t * D + j0 + k, kl);
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace BNBF_ISA_NS
+}  // namespace bnbf

@@ -1,0 +1,98 @@
+// FusionEmbedding lookup on CUDA: fused gather + dequantize with new-token routing.
+//
+// One thread block per token (grid-stride over tokens), threads over the row. Everything is
+// decided on the device, so the launch needs no host sync; an id out of range (which the
+// Python side asserts asynchronously) gets a zero row instead of an out-of-bounds read.
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace bnbf {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void fusion_lookup_kernel(const int64_t* __restrict__ ids, int64_t n,
+                                     const void* __restrict__ base, int bits,
+                                     const float* __restrict__ absmax,
+                                     const float* __restrict__ qmap, int64_t vocab_size,
+                                     const T* __restrict__ fusion, int64_t fusion_vocab_size,
+                                     int64_t D, int64_t blocksize, T* __restrict__ out) {
+  __shared__ float smap[256];
+  const int map_size = bits == 8 ? 256 : (bits == 4 ? 16 : 0);
+  for (int i = threadIdx.x; i < map_size; i += blockDim.x) smap[i] = qmap[i];
+  __syncthreads();
+  const int64_t nblk = bits ? (D + blocksize - 1) / blocksize : 0;
+  const int64_t code_cols = bits == 8 ? D : (D + 1) / 2;
+  for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
+    const int64_t id = ids[t];
+    T* dst = out + t * D;
+    if (id < 0 || id >= vocab_size + fusion_vocab_size) {
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) dst[j] = from_f32<T>(0.f);
+    } else if (id >= vocab_size) {
+      const T* src = fusion + (id - vocab_size) * D;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) dst[j] = src[j];
+    } else if (bits == 0) {
+      const T* src = (const T*)base + id * D;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) dst[j] = src[j];
+    } else {
+      const uint8_t* row = (const uint8_t*)base + id * code_cols;
+      const float* am = absmax + id * nblk;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        int c;
+        if (bits == 8) {
+          c = row[j];
+        } else {
+          const uint8_t b = row[j >> 1];
+          c = (j & 1) ? (b & 15) : (b >> 4);
+        }
+        dst[j] = from_f32<T>(smap[c] * am[j / blocksize]);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bnbf
+
+using namespace bnbf;
+using namespace bnbf::cuda;
+
+BNBF_API int bnbf_cuda_fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base,
+                                               int bits, const float* absmax, const float* qmap,
+                                               int64_t vocab_size, const void* fusion,
+                                               int64_t fusion_vocab_size, int64_t embed_dim,
+                                               int64_t blocksize, void* out, int dtype,
+                                               void* stream) {
+  if (n < 0) return fail(BNBF_E_ARG, "n must be >= 0, got %lld", (long long)n);
+  if (bits != 0 && bits != 4 && bits != 8)
+    return fail(BNBF_E_ARG, "bits must be 0, 4 or 8, got %d", bits);
+  if (vocab_size < 0 || fusion_vocab_size < 0 || embed_dim < 1)
+    return fail(BNBF_E_ARG, "bad table sizes: vocab %lld, fusion %lld, dim %lld",
+                (long long)vocab_size, (long long)fusion_vocab_size, (long long)embed_dim);
+  if (bits != 0 && blocksize < 1)
+    return fail(BNBF_E_ARG, "blocksize must be >= 1, got %lld", (long long)blocksize);
+  if (n == 0) return BNBF_OK;
+  if (!ids || !out) return fail(BNBF_E_ARG, "null ids or out");
+  if (vocab_size > 0 && (!base || (bits != 0 && (!absmax || !qmap))))
+    return fail(BNBF_E_ARG, "null base table, absmax or qmap");
+  if (fusion_vocab_size > 0 && !fusion) return fail(BNBF_E_ARG, "null fusion table");
+  int dev = 0;
+  if (int rc = device_of(out, "out", &dev)) return rc;
+  DeviceGuard guard(dev);
+  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "cudaSetDevice");
+  const int threads = (int)std::min<int64_t>(256, ((embed_dim + 31) / 32) * 32);
+  const int64_t grid = std::min<int64_t>(n, (int64_t)sm_count(dev) * 32);
+  cudaStream_t s = (cudaStream_t)stream;
+  bool known = dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    fusion_lookup_kernel<T><<<(unsigned)grid, threads, 0, s>>>(
+        ids, n, base, bits, absmax, qmap, vocab_size, (const T*)fusion, fusion_vocab_size,
+        embed_dim, blocksize, (T*)out);
+  });
+  if (!known) return fail(BNBF_E_ARG, "unsupported dtype code %d", dtype);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return fail_cuda(err, "fusion_embedding_lookup launch");
+  return BNBF_OK;
+}

@@ -1,0 +1,265 @@
+// Blockwise quantize / dequantize on CUDA, bit-identical to the CPU kernels and to the
+// pure-PyTorch reference (bnbfuse/backends/reference.py):
+//   absmax[b] = max |x| over block b (NaN if the block holds a NaN),
+//   code      = index of the map value nearest x / (absmax or 1 when absmax == 0),
+// where "nearest" counts the thresholds t_k <= x, t_k being the smallest float32 >= the
+// exact midpoint of the k-th and (k+1)-th sorted map values (ties go to the larger value;
+// see csrc/common/qmap.h). The division is IEEE (__fdiv_rn) and the build uses
+// --fmad=false, so every step rounds exactly as on the CPU.
+//
+// Work layout: a group of G threads (32..256) handles one quantization block at a time,
+// kThreads / G groups per CUDA block, grid-striding over the blocks. Each CUDA block first
+// builds the sorted thresholds of the map in shared memory; the grid is sized to about one
+// wave of resident blocks so that this 256-element sort is paid a few hundred times, not
+// once per quantization block.
+#include <climits>
+
+#include "common.cuh"
+
+namespace bnbf {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per CUDA block; also the map size
+constexpr int kCache = 16;     // elements per thread kept in registers between the passes
+
+// G: a power of two in [32, kThreads], so a warp never straddles two groups; it grows with
+// the blocksize to give each thread about 4 elements (up to 16 at blocksize 4096).
+int group_size(int64_t blocksize) {
+  int g = 32;
+  while (g < kThreads && (int64_t)g * 4 < blocksize) g *= 2;
+  return g;
+}
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// Blocks to launch: enough to fill the GPU once (`per_sm` resident blocks of 256 threads
+// per multiprocessor), never more than there is work for.
+int grid_size(int64_t work_items, int dev, int per_sm) {
+  int64_t cap = (int64_t)sm_count(dev) * per_sm;
+  int64_t g = work_items < cap ? work_items : cap;
+  return (int)(g < 1 ? 1 : (g > INT_MAX ? INT_MAX : g));
+}
+
+struct SharedMap {
+  float thr[256];          // thr[k] separates sorted values k and k+1; thr[255] unused
+  uint8_t code_of[256];    // sorted position -> stored code
+};
+
+// All kThreads threads build the thresholds of the 256-value map `code` (any order).
+// A stable rank sort: position of value i = #{j: v_j < v_i} + #{j < i: v_j == v_i}, the
+// same order as std::stable_sort on the CPU.
+__device__ void build_map(const float* __restrict__ code, SharedMap& m, float* s_values,
+                          float* s_sorted) {
+  const int t = threadIdx.x;
+  const float v = code[t];
+  s_values[t] = v;
+  // A map holding NaN has no consistent order; the ranks may then collide, and these
+  // defaults keep every slot defined (codes stay in range).
+  s_sorted[t] = __int_as_float(0x7fc00000);
+  m.code_of[t] = 0;
+  __syncthreads();
+  int rank = 0;
+  for (int j = 0; j < 256; ++j) {
+    const float w = s_values[j];
+    rank += (w < v) || (w == v && j < t);
+  }
+  s_sorted[rank] = v;
+  m.code_of[rank] = (uint8_t)t;
+  __syncthreads();
+  if (t < 255) {
+    // The midpoint of two floats is exact in double; rounding it up to float keeps
+    // "x >= thr" exact for float x and sends ties to the larger value.
+    const double mid = ((double)s_sorted[t] + (double)s_sorted[t + 1]) * 0.5;
+    float f = __double2float_rn(mid);
+    if ((double)f < mid) f = nextafterf(f, __int_as_float(0x7f800000));
+    m.thr[t] = f;
+  } else {
+    m.thr[255] = __int_as_float(0x7fc00000);
+  }
+  __syncthreads();
+}
+
+// Stored code of the map value nearest x: the count of thresholds <= x (0..255) found by
+// a branch-free binary search over thr[0..254]; NaN counts 0, as on the CPU.
+__device__ __forceinline__ uint8_t nearest(const SharedMap& m, float x) {
+  int j = 0;
+#pragma unroll
+  for (int s = 128; s > 0; s >>= 1) j += (m.thr[j + s - 1] <= x) ? s : 0;
+  return m.code_of[j];
+}
+
+// At least 4 resident blocks per SM (<= 64 registers): enough loads in flight to stream.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 4)
+quantize_kernel(const float* __restrict__ code, const T* __restrict__ A,
+                float* __restrict__ absmax, uint8_t* __restrict__ out, int64_t blocksize,
+                int64_t n, int group) {
+  __shared__ SharedMap m;
+  __shared__ float s_values[256], s_sorted[256];
+  __shared__ float s_warp_max[kThreads / 32];
+  __shared__ int s_warp_nan[kThreads / 32];
+  build_map(code, m, s_values, s_sorted);
+
+  const int groups = kThreads / group, warps_per_group = group / 32;
+  const int gid = threadIdx.x / group, lane = threadIdx.x % group, warp = threadIdx.x / 32;
+  const int64_t nblocks = ceil_div(n, blocksize);
+  const int64_t rounds = ceil_div(nblocks, groups);
+  // Every thread runs the same number of rounds (the __syncthreads below need that);
+  // groups past the last block just have nothing to do.
+  for (int64_t r = blockIdx.x; r < rounds; r += gridDim.x) {
+    const int64_t b = r * groups + gid;
+    const bool active = b < nblocks;
+    const int64_t start = active ? b * blocksize : 0;
+    const int64_t len = active ? (n - start < blocksize ? n - start : blocksize) : 0;
+    const T* x = A + start;
+    const bool cached = len <= (int64_t)kCache * group;
+
+    float v[kCache];
+    float mx = 0.f;
+    bool nan = false;
+    if (cached) {  // len <= kCache * group fits an int
+      const int ilen = (int)len;
+#pragma unroll
+      for (int k = 0; k < kCache; ++k) {
+        const int i = lane + k * group;
+        v[k] = i < ilen ? to_f32<T>(x[i]) : 0.f;
+        nan |= isnan(v[k]);
+        mx = fmaxf(mx, fabsf(v[k]));  // fmaxf ignores NaN; `nan` records it
+      }
+    } else {
+      for (int64_t i = lane; i < len; i += group) {
+        const float a = to_f32<T>(x[i]);
+        nan |= isnan(a);
+        mx = fmaxf(mx, fabsf(a));
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    nan = __any_sync(0xffffffffu, nan);
+    if (warps_per_group > 1) {  // uniform over the CUDA block
+      if ((threadIdx.x & 31) == 0) {
+        s_warp_max[warp] = mx;
+        s_warp_nan[warp] = nan;
+      }
+      __syncthreads();
+      for (int w = gid * warps_per_group; w < (gid + 1) * warps_per_group; ++w) {
+        mx = fmaxf(mx, s_warp_max[w]);
+        nan |= s_warp_nan[w] != 0;
+      }
+      __syncthreads();  // the next round overwrites s_warp_*
+    }
+    const float amax = nan ? __int_as_float(0x7fc00000) : mx;
+    if (active && lane == 0) absmax[b] = amax;
+    const float d = amax == 0.f ? 1.f : amax;  // all-zero block: 0/1, never 0/0
+
+    uint8_t* o = out + start;
+    if (cached) {
+      const int ilen = (int)len;
+#pragma unroll
+      for (int k = 0; k < kCache; ++k) {
+        const int i = lane + k * group;
+        if (i < ilen) o[i] = nearest(m, __fdiv_rn(v[k], d));
+      }
+    } else {
+      for (int64_t i = lane; i < len; i += group) o[i] = nearest(m, __fdiv_rn(to_f32<T>(x[i]), d));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+dequantize_kernel(const float* __restrict__ code, const uint8_t* __restrict__ A,
+                  const float* __restrict__ absmax, T* __restrict__ out, int64_t blocksize,
+                  int64_t n, int group) {
+  __shared__ float s_code[256];
+  s_code[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+  const int groups = kThreads / group;
+  const int gid = threadIdx.x / group, lane = threadIdx.x % group;
+  const int64_t nblocks = ceil_div(n, blocksize);
+  for (int64_t b = (int64_t)blockIdx.x * groups + gid; b < nblocks; b += (int64_t)gridDim.x * groups) {
+    const int64_t start = b * blocksize;
+    const int64_t len = n - start < blocksize ? n - start : blocksize;
+    const float s = absmax[b];
+    const uint8_t* a = A + start;
+    T* o = out + start;
+    for (int64_t i = lane; i < len; i += group) o[i] = from_f32<T>(__fmul_rn(s_code[a[i]], s));
+  }
+}
+
+int check_args(const float* code, const void* A, const float* absmax, const void* out,
+               int dtype, int64_t blocksize, int64_t n) {
+  if (n < 0) return fail(BNBF_E_ARG, "n must be >= 0, got %lld", (long long)n);
+  if (blocksize < 1)
+    return fail(BNBF_E_ARG, "blocksize must be >= 1, got %lld", (long long)blocksize);
+  if (dtype != BNBF_F32 && dtype != BNBF_F16 && dtype != BNBF_BF16)
+    return fail(BNBF_E_ARG, "unsupported dtype code %d", dtype);
+  if (n > 0 && (!code || !A || !absmax || !out)) return fail(BNBF_E_ARG, "null pointer");
+  return BNBF_OK;
+}
+
+// The common device of the four buffers (all must be device memory of one GPU).
+int common_device(const void* code, const void* A, const void* absmax, const void* out,
+                  int* dev) {
+  const void* ptrs[4] = {code, A, absmax, out};
+  const char* names[4] = {"code", "A", "absmax", "out"};
+  for (int i = 0; i < 4; ++i) {
+    int d = -1;
+    if (int rc = device_of(ptrs[i], names[i], &d)) return rc;
+    if (i == 0) *dev = d;
+    else if (d != *dev)
+      return fail(BNBF_E_ARG, "%s is on cuda:%d but code is on cuda:%d", names[i], d, *dev);
+  }
+  return BNBF_OK;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bnbf
+
+using namespace bnbf::cuda;
+
+BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int dtype,
+                                          float* absmax, uint8_t* out, int64_t blocksize,
+                                          int64_t n, void* stream) {
+  if (int rc = check_args(code, A, absmax, out, dtype, blocksize, n)) return rc;
+  if (n == 0) return BNBF_OK;
+  int dev = 0;
+  if (int rc = common_device(code, A, absmax, out, &dev)) return rc;
+  DeviceGuard guard(dev);
+  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "quantize_blockwise: set device");
+  const int group = group_size(blocksize);
+  const int64_t rounds = ceil_div(ceil_div(n, blocksize), kThreads / group);
+  const int grid = grid_size(rounds, dev, 4);  // __launch_bounds__(kThreads, 4)
+  cudaStream_t s = (cudaStream_t)stream;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_kernel<T><<<grid, kThreads, 0, s>>>(code, (const T*)A, absmax, out, blocksize, n,
+                                                 group);
+  });
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? BNBF_OK : fail_cuda(err, "quantize_blockwise launch");
+}
+
+BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
+                                            const float* absmax, void* out, int dtype,
+                                            int64_t blocksize, int64_t n, void* stream) {
+  if (int rc = check_args(code, A, absmax, out, dtype, blocksize, n)) return rc;
+  if (n == 0) return BNBF_OK;
+  int dev = 0;
+  if (int rc = common_device(code, A, absmax, out, &dev)) return rc;
+  DeviceGuard guard(dev);
+  if (guard.error() != cudaSuccess)
+    return fail_cuda(guard.error(), "dequantize_blockwise: set device");
+  const int group = group_size(blocksize);
+  const int64_t rounds = ceil_div(ceil_div(n, blocksize), kThreads / group);
+  const int grid = grid_size(rounds, dev, 8);
+  cudaStream_t s = (cudaStream_t)stream;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_kernel<T><<<grid, kThreads, 0, s>>>(code, A, absmax, (T*)out, blocksize, n, group);
+  });
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? BNBF_OK : fail_cuda(err, "dequantize_blockwise launch");
+}

@@ -1,0 +1,63 @@
+// Runtime services of the CUDA library (its own error buffer: the CPU library's
+// csrc/common/runtime.cpp is not linked into it) and the introspection entry points.
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+
+#include "common.cuh"
+
+#ifndef BNBF_CUDA_ARCHS
+#error "BNBF_CUDA_ARCHS must be defined by the build (CMakeLists.txt)"
+#endif
+
+namespace bnbf {
+
+static thread_local char g_error[512] = "";
+
+int fail(int code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+namespace cuda {
+
+int fail_cuda(cudaError_t err, const char* what) {
+  // Reset the last-error state so that a later, unrelated check does not report it again.
+  (void)cudaGetLastError();
+  return fail(BNBF_E_CUDA, "%s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+int device_of(const void* p, const char* name, int* dev) {
+  cudaPointerAttributes attr;
+  cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err != cudaSuccess) return fail_cuda(err, name);
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    return fail(BNBF_E_ARG, "%s is not CUDA device memory", name);
+  *dev = attr.device;
+  return BNBF_OK;
+}
+
+int sm_count(int dev) {
+  static std::atomic<int> cache[128];
+  if (dev >= 0 && dev < 128) {
+    int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v < 1) {
+    (void)cudaGetLastError();
+    v = 1;  // only sizes the grid; kernels are correct for any grid size
+  }
+  if (dev >= 0 && dev < 128) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace bnbf
+
+BNBF_API const char* bnbf_last_error(void) { return bnbf::g_error; }
+BNBF_API const char* bnbf_version(void) { return "0.1.0"; }
+BNBF_API const char* bnbf_cuda_archs(void) { return BNBF_CUDA_ARCHS; }
