@@ -135,19 +135,20 @@ def build_model(p: dict, config: str, seed: int, device):
     model.set_output_embeddings(head)
     del old_head
 
-    old_emb = model.get_input_embeddings()
     if config.startswith("fusion-"):
-        from bnbfuse.nn import FusionEmbedding
-        emb = FusionEmbedding.from_embedding(old_emb, N, base_quant=config.split("-", 1)[1])
+        from bnbfuse.nn import add_fusion_tokens
+        # One call: the pretrained table becomes the frozen quantized base.
+        emb = add_fusion_tokens(model, N, base_quant=config.split("-", 1)[1])
         with torch.no_grad():
             emb.fusion_embedding.weight.copy_(new_in)
     else:
+        old_emb = model.get_input_embeddings()
         emb = torch.nn.Embedding(V + N, d, device=device)
         with torch.no_grad():
             emb.weight[:V].copy_(old_emb.weight)
             emb.weight[V:].copy_(new_in)
-    model.set_input_embeddings(emb)
-    del old_emb
+        model.set_input_embeddings(emb)
+        del old_emb
     model.config.vocab_size = V + N
     return model, emb
 
