@@ -18,24 +18,42 @@ DTYPE_CODES = {}  # filled lazily with torch dtypes (keeps this module importabl
 
 
 class OptimizerArgs(ctypes.Structure):
-    """Mirror of ``bnbf_optim_args`` in csrc/include/bnbfuse.h."""
+    """Mirror of ``bnbf_optim_args`` in csrc/include/bnbfuse.h.
+
+    Build it with ``OptimizerArgs.from_scalars(optimizer_scalars(...))`` (see
+    bnbfuse/backends/reference.py), so the native kernels get exactly the float32 scalars the
+    reference uses.
+    """
 
     _fields_ = [
-        ("lr", ctypes.c_float),
+        ("gnorm_scale", ctypes.c_float),
         ("beta1", ctypes.c_float),
+        ("one_minus_beta1", ctypes.c_float),
         ("beta2", ctypes.c_float),
+        ("one_minus_beta2", ctypes.c_float),
         ("beta3", ctypes.c_float),
+        ("one_minus_beta3", ctypes.c_float),
         ("alpha", ctypes.c_float),
         ("eps", ctypes.c_float),
         ("weight_decay", ctypes.c_float),
-        ("dampening", ctypes.c_float),
-        ("bias_correction1", ctypes.c_float),
-        ("bias_correction2", ctypes.c_float),
-        ("gnorm_scale", ctypes.c_float),
+        ("dampening_factor", ctypes.c_float),
+        ("decay", ctypes.c_float),
+        ("inv_bc1", ctypes.c_float),
+        ("inv_sqrt_bc2", ctypes.c_float),
+        ("step_size", ctypes.c_float),
+        ("lr", ctypes.c_float),
         ("update_scale", ctypes.c_float),
         ("step", ctypes.c_int32),
         ("nesterov", ctypes.c_int32),
     ]
+
+    @classmethod
+    def from_scalars(cls, scalars: dict) -> "OptimizerArgs":
+        return cls(**{name: scalars[name] for name, _ in cls._fields_})
+
+
+OPTIMIZER_IDS = {"adam": 0, "adamw": 1, "ademamix": 2, "lamb": 3, "momentum": 4, "rmsprop": 5,
+                 "adagrad": 6, "lion": 7, "lars": 8}  # enum bnbf_optimizer
 
 
 _E_ARG, _E_INDEX, _E_CUDA, _E_UNSUPPORTED = -1, -2, -3, -4

@@ -7,11 +7,34 @@ just instantiate it.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Callable
 
 import torch
 
-from .._native import I32, I64, P, NativeLibrary, dtype_code, ptr
+from .._native import I32, I64, P, NativeLibrary, OptimizerArgs, dtype_code, ptr
+
+
+class _Contiguous:
+    """Context manager: contiguous versions of tensors that a kernel writes in place.
+
+    Yields each tensor itself when it is already contiguous (None stays None); otherwise a
+    contiguous copy, which is copied back into the original on exit.
+    """
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+        self.work = [None if t is None else t.contiguous() for t in tensors]
+
+    def __enter__(self):
+        return self.work
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            for t, w in zip(self.tensors, self.work):
+                if t is not None and w is not t and w.data_ptr() != t.data_ptr():
+                    t.copy_(w)
+        return False
 
 
 def check_code(code: torch.Tensor, device) -> torch.Tensor:
@@ -81,7 +104,108 @@ class NativeBackend:
         self.register("dequantize_blockwise", dequantize_blockwise)
 
     # ---- optimizer updates ---------------------------------------------------------------
-    # (optimizer section)
+    def register_optimizers(self) -> None:
+        """The four optimizer ops (semantics: bnbfuse/backends/reference.py).
+
+        Arguments are validated by the reference's checks (same messages on every backend)
+        and again by the C API. Non-contiguous tensors are updated through a contiguous copy
+        that is written back, so any layout works (at the cost of the copy).
+        """
+        from . import reference as ref
+
+        args_p = ctypes.POINTER(OptimizerArgs)
+        upd8 = self.function("optimizer_update_8bit_blockwise", I32, P, P, I32, P, P, P, P, P, P,
+                             args_p, I64)
+        upd32 = self.function("optimizer_update_32bit", I32, P, P, I32, P, P, args_p, I64)
+        nrm8 = self.function("optimizer_norms_8bit_blockwise", I32, P, P, I32, P, P, P, P, P, P,
+                             args_p, I64, P)
+        nrm32 = self.function("optimizer_norms_32bit", I32, P, P, I32, P, P, args_p, I64, P)
+
+        def native_args(optimizer, hp, update_scale=1.0):
+            return ctypes.byref(OptimizerArgs.from_scalars(
+                ref.optimizer_scalars(optimizer, *hp, update_scale)))
+
+        def two(optimizer, t):
+            return t if optimizer in ref.TWO_STATE else None
+
+        def device_checks(p, *tensors):
+            for t in tensors:
+                if t is not None and t.device != p.device:
+                    raise ValueError(f"all tensors must be on {p.device}, got one on {t.device}")
+
+        def maps(optimizer, qmap1, qmap2, device):
+            q1 = check_code(qmap1, device)
+            q2 = check_code(qmap2, device) if optimizer in ref.TWO_STATE else None
+            return q1, q2
+
+        def update_8bit(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, *hp):
+            *hp, update_scale = hp
+            ref._check_optimizer_args(optimizer, p, g, state1, state2, True)
+            n = p.numel()
+            ref._check_absmax(optimizer, n, absmax1, absmax2, qmap1, qmap2)
+            device_checks(p, absmax1, two(optimizer, absmax2))
+            a = native_args(optimizer, hp, update_scale)
+            if n == 0:
+                return
+            q1, q2 = maps(optimizer, qmap1, qmap2, p.device)
+            g = g.contiguous()
+            with _Contiguous(p, state1, two(optimizer, state2), absmax1,
+                             two(optimizer, absmax2)) as (pc, s1, s2, a1, a2):
+                self.lib.check(upd8(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                                    dtype_code(p.dtype), ptr(s1), ptr(s2), ptr(a1), ptr(a2),
+                                    ptr(q1), ptr(q2), a, n, self.last_value(p)),
+                               "optimizer_update_8bit_blockwise")
+
+        def update_32bit(optimizer, p, g, state1, state2, *hp):
+            *hp, update_scale = hp
+            ref._check_optimizer_args(optimizer, p, g, state1, state2, False)
+            a = native_args(optimizer, hp, update_scale)
+            n = p.numel()
+            if n == 0:
+                return
+            g = g.contiguous()
+            with _Contiguous(p, state1, two(optimizer, state2)) as (pc, s1, s2):
+                self.lib.check(upd32(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                                     dtype_code(p.dtype), ptr(s1), ptr(s2), a, n,
+                                     self.last_value(p)), "optimizer_update_32bit")
+
+        def norms_8bit(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, *hp):
+            ref._check_optimizer_args(optimizer, p, g, state1, state2, True)
+            n = p.numel()
+            ref._check_absmax(optimizer, n, absmax1, absmax2, qmap1, qmap2)
+            device_checks(p, absmax1, two(optimizer, absmax2))
+            a = native_args(optimizer, hp)
+            out = torch.zeros(2, dtype=torch.float64, device=p.device)
+            if n:
+                q1, q2 = maps(optimizer, qmap1, qmap2, p.device)
+                s2, a2 = two(optimizer, state2), two(optimizer, absmax2)
+                s2 = None if s2 is None else s2.contiguous()
+                a2 = None if a2 is None else a2.contiguous()
+                pc, g, s1, a1 = (t.contiguous() for t in (p, g, state1, absmax1))
+                self.lib.check(nrm8(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                                    dtype_code(p.dtype), ptr(s1), ptr(s2), ptr(a1), ptr(a2),
+                                    ptr(q1), ptr(q2), a, n, ptr(out), self.last_value(p)),
+                               "optimizer_norms_8bit_blockwise")
+            return out.to(torch.float32)
+
+        def norms_32bit(optimizer, p, g, state1, state2, *hp):
+            ref._check_optimizer_args(optimizer, p, g, state1, state2, False)
+            a = native_args(optimizer, hp)
+            n = p.numel()
+            out = torch.zeros(2, dtype=torch.float64, device=p.device)
+            if n:
+                s2 = two(optimizer, state2)
+                s2 = None if s2 is None else s2.contiguous()
+                pc, g, s1 = (t.contiguous() for t in (p, g, state1))
+                self.lib.check(nrm32(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                                     dtype_code(p.dtype), ptr(s1), ptr(s2), a, n, ptr(out),
+                                     self.last_value(p)), "optimizer_norms_32bit")
+            return out.to(torch.float32)
+
+        self.register("optimizer_update_8bit_blockwise", update_8bit)
+        self.register("optimizer_update_32bit", update_32bit)
+        self.register("optimizer_norms_8bit_blockwise", norms_8bit)
+        self.register("optimizer_norms_32bit", norms_32bit)
 
     # ---- quantized embedding lookup ------------------------------------------------------
     def register_embeddings(self) -> None:
@@ -111,4 +235,5 @@ class NativeBackend:
 
     def register_all(self) -> None:
         self.register_quantization()
+        self.register_optimizers()
         self.register_embeddings()

@@ -73,7 +73,7 @@ torch.library.impl("bnbfuse::dequantize_blockwise", "CompositeExplicitAutograd")
 # ---- optimizer updates ---------------------------------------------------------------------
 # The specification of the optimizer update ops (schemas in bnbfuse/_ops.py). Every formula
 # below is a sequence of float32 elementwise tensor operations (mul, add, sub, tensor/tensor
-# div, sqrt, sign) whose rounding is unambiguous, applied with host scalars that were rounded
+# div, sqrt32, sign) whose rounding is unambiguous, applied with host scalars that were rounded
 # once to float32 by `optimizer_scalars`; the native kernels (csrc/common/optim_rule.h) do the
 # same operations in the same order, so both give identical bits for every parameter dtype.
 #
@@ -92,6 +92,17 @@ OPTIMIZERS = ("adam", "adamw", "ademamix", "lamb", "momentum", "rmsprop", "adagr
               "lars")
 TWO_STATE = ("adam", "adamw", "ademamix", "lamb")
 OPTIMIZER_BLOCKSIZE = 256
+
+
+def sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt (what IEEE sqrtf, and the native kernels, give).
+
+    torch's vectorised float32 (and float64) CPU sqrt is not always correctly rounded; the
+    float64 result rounded to float32 is, because float64 carries more than 2*24+2 bits and
+    the error of the float64 sqrt stays far below the distance of sqrt(x) from any float32
+    rounding boundary.
+    """
+    return torch.sqrt(x.double()).float()
 
 
 def _f32(x: float) -> float:
@@ -155,7 +166,7 @@ def optimizer_rule(optimizer: str, p, g, s1, s1b, s2, sc: dict):
             p = p * sc["decay"]
         s1 = s1 * sc["beta1"] + g * sc["one_minus_beta1"]
         s2 = s2 * sc["beta2"] + (g * g) * sc["one_minus_beta2"]
-        denom = torch.sqrt(s2) * sc["inv_sqrt_bc2"] + sc["eps"]
+        denom = sqrt32(s2) * sc["inv_sqrt_bc2"] + sc["eps"]
         if optimizer == "lamb":
             u = (s1 * sc["inv_bc1"]) / denom + p * wd
             return p - u * sc["step_size"], s1, s1b, s2, u
@@ -165,7 +176,7 @@ def optimizer_rule(optimizer: str, p, g, s1, s1b, s2, sc: dict):
         s1 = s1 * sc["beta1"] + g * sc["one_minus_beta1"]
         s1b = s1b * sc["beta3"] + g * sc["one_minus_beta3"]
         s2 = s2 * sc["beta2"] + (g * g) * sc["one_minus_beta2"]
-        denom = torch.sqrt(s2) * sc["inv_sqrt_bc2"] + sc["eps"]
+        denom = sqrt32(s2) * sc["inv_sqrt_bc2"] + sc["eps"]
         u = (s1 * sc["inv_bc1"] + s1b * sc["alpha"]) / denom
         return p * sc["decay"] - u * sc["step_size"], s1, s1b, s2, u
     if optimizer == "momentum":
@@ -182,7 +193,7 @@ def optimizer_rule(optimizer: str, p, g, s1, s1b, s2, sc: dict):
             s1 = s1 * sc["beta1"] + (g * g) * sc["one_minus_beta1"]
         else:
             s1 = s1 + g * g
-        u = g / (torch.sqrt(s1) + sc["eps"])
+        u = g / (sqrt32(s1) + sc["eps"])
         return p - u * sc["step_size"], s1, s1b, s2, u
     if optimizer == "lion":
         u = torch.sign(s1 * sc["beta1"] + g * sc["one_minus_beta1"])

@@ -22,3 +22,4 @@ __all__ = [
     "get_fusion_params", "register_fusion_module", "set_trainable_params",
     "fusion_embedding_lookup",
 ]
+from .sharded import ShardedEmbedding  # noqa: E402,F401

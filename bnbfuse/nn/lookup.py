@@ -4,8 +4,9 @@
 CUDA native, pure-PyTorch reference): ids below ``V`` read the base table (a float table or
 int8/NF4 codes, dequantized row by row), the others read the fusion table. The backward is a
 scatter-add of the output gradient into the fusion table (and into a float base that
-requires grad); it uses one ``index_add_`` with a spill row, so nothing synchronises with the
-host and no data-dependent shape appears (``torch.compile`` traces it without graph breaks).
+requires grad): base tokens are routed to a spill row that the embedding backward skips, so
+nothing synchronises with the host and no data-dependent shape appears (``torch.compile``
+traces it without graph breaks).
 """
 from __future__ import annotations
 
@@ -34,14 +35,15 @@ def _backward(ctx, grad):
     need_base = ctx.bits == 0 and ctx.needs_input_grad[1]
     need_fusion = ctx.needs_input_grad[4]
     grad_base = grad_fusion = None
+    # aten's embedding backward (what nn.Embedding uses: sorted segment sums on CUDA, no
+    # atomics piling onto one row); its padding_idx skips the tokens routed to the spill row.
     if need_base:
-        buf = g.new_zeros(V + F, D).index_add_(0, flat, g)
+        buf = torch.ops.aten.embedding_dense_backward(g, flat, V + F, -1, False)
         grad_base = buf[:V]
         grad_fusion = buf[V:] if need_fusion else None
     elif need_fusion:
-        # Base tokens land in the spill row F, which is dropped.
         rows = torch.where(flat >= V, flat - V, F)
-        grad_fusion = g.new_zeros(F + 1, D).index_add_(0, rows, g)[:F]
+        grad_fusion = torch.ops.aten.embedding_dense_backward(g, rows, F + 1, F, False)[:F]
     return None, grad_base, None, None, grad_fusion, None, None
 
 

@@ -127,8 +127,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.is_paged = False
         self._overrides: dict[torch.Tensor, dict[str, Any]] = {}
-        for group in self.param_groups:
-            self._validate(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group (as ``torch.optim``), validating its settings."""
+        super().add_param_group(param_group)
+        try:
+            self._validate(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -14,7 +14,26 @@
                             void* out, int dtype, int64_t blocksize, int64_t n,           \
                             int num_threads);                                             \
   /* quantize one block of fp32 values already known: writes codes, returns absmax */     \
-  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n);  \
+  float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n); \
+  /* optimizer updates (csrc/cpu/optimizer.cpp); map2/state2 unused by 1-state rules;  */  \
+  /* norms accumulate [sum(dir^2), sum(p^2)] into out (double[2])                      */  \
+  bool optimizer_update_8bit(int opt, void* p, const void* g, int dtype, uint8_t* state1, \
+                             uint8_t* state2, float* absmax1, float* absmax2,             \
+                             const QuantMap& map1, const QuantMap* map2,                  \
+                             const bnbf_optim_args& args, int64_t n, int num_threads);    \
+  bool optimizer_update_32bit(int opt, void* p, const void* g, int dtype, float* state1,   \
+                              float* state2, const bnbf_optim_args& args, int64_t n,       \
+                              int num_threads);                                            \
+  bool optimizer_norms_8bit(int opt, const void* p, const void* g, int dtype,              \
+                            const uint8_t* state1, const uint8_t* state2,                  \
+                            const float* absmax1, const float* absmax2,                    \
+                            const QuantMap& map1, const QuantMap* map2,                    \
+                            const bnbf_optim_args& args, int64_t n, double* out,           \
+                            int num_threads);                                              \
+  bool optimizer_norms_32bit(int opt, const void* p, const void* g, int dtype,             \
+                             const float* state1, const float* state2,                     \
+                             const bnbf_optim_args& args, int64_t n, double* out,          \
+                             int num_threads);  \
   /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/embedding.cpp) */ \
   void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,    \
                                const float* absmax, const float* qmap, int64_t vocab_size,   \

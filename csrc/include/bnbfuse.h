@@ -44,21 +44,29 @@ enum bnbf_optimizer {
   BNBF_OPT_LARS = 8,      /* 1-state: momentum SGD scaled by the trust ratio */
 };
 
-/* Hyper-parameters of one update; fields an optimizer does not use are ignored.
- * Layout is mirrored by bnbfuse/_native.py (OptimizerArgs). */
+/* Scalars of one update, computed by the caller in double and rounded once to float32
+ * (bnbfuse/backends/reference.py: optimizer_scalars), so that the native kernels and the
+ * pure-PyTorch reference apply the same float32 values. Fields an optimizer does not use are
+ * ignored. Layout is mirrored by bnbfuse/_native.py (OptimizerArgs). */
 typedef struct bnbf_optim_args {
-  float lr;
+  float gnorm_scale;      /* gradient multiplier (percentile clipping); 1 when off */
   float beta1;            /* Adam/Lion beta1; SGD/LARS momentum; RMSprop alpha */
+  float one_minus_beta1;
   float beta2;
-  float beta3;            /* AdEMAMix slow EMA */
-  float alpha;            /* AdEMAMix mixing coefficient */
+  float one_minus_beta2;
+  float beta3;            /* AdEMAMix slow EMA (already scheduled) */
+  float one_minus_beta3;
+  float alpha;            /* AdEMAMix mixing coefficient (already scheduled) */
   float eps;
   float weight_decay;
-  float dampening;        /* SGD */
-  float bias_correction1; /* 1 - beta1^step, computed by the caller in double */
-  float bias_correction2; /* 1 - beta2^step */
-  float gnorm_scale;      /* gradient multiplier (percentile clipping); 1 when off */
-  float update_scale;     /* multiplier of the step (trust ratio, max_unorm); 1 when off */
+  float dampening_factor; /* SGD: 1 - dampening */
+  float decay;            /* 1 - lr*weight_decay (decoupled decay: AdamW, AdEMAMix, Lion) */
+  float inv_bc1;          /* 1 / (1 - beta1^step) */
+  float inv_sqrt_bc2;     /* 1 / sqrt(1 - beta2^step) */
+  float step_size;        /* Adam/AdamW: lr*update_scale/(1-beta1^step); LARS: lr;
+                             others: lr*update_scale */
+  float lr;
+  float update_scale;     /* trust ratio / max_unorm factor (LARS applies it to the gradient) */
   int32_t step;           /* 1-based step count after this update */
   int32_t nesterov;       /* SGD */
 } bnbf_optim_args;
@@ -89,6 +97,52 @@ BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int 
 BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
                                             const float* absmax, void* out, int dtype,
                                             int64_t blocksize, int64_t n, void* stream);
+
+/* ---- optimizer updates ----
+ * One fused pass per parameter: read p, g (dtype `dtype`, n elements) and the state, write p
+ * and the state. 8-bit state: uint8 codes in blocks of 256 of the flattened tensor with one
+ * float32 absmax per block; state1 uses qmap1, state2 qmap2 (256 float32 values each). 32-bit
+ * state: float32. AdEMAMix keeps m1 then m2 in state1 (2n codes / values; absmax1 holds the
+ * ceil(n/256) m1 blocks then the m2 blocks). state2/absmax2/qmap2 are only read for 2-state
+ * optimizers (may be NULL otherwise).
+ * Non-finite gradient elements leave their parameter and state values unchanged.
+ * Norms: out[0] += sum(direction^2), out[1] += sum(p^2) over finite-gradient elements, in
+ * double (the caller zeroes out); nothing else is written. */
+#define BNBF_OPTIM_BLOCKSIZE 256
+BNBF_API int bnbf_cpu_optimizer_update_8bit_blockwise(
+    int optimizer, void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2,
+    float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
+    const bnbf_optim_args* args, int64_t n, int num_threads);
+BNBF_API int bnbf_cpu_optimizer_update_32bit(int optimizer, void* p, const void* g, int dtype,
+                                             float* state1, float* state2,
+                                             const bnbf_optim_args* args, int64_t n,
+                                             int num_threads);
+BNBF_API int bnbf_cpu_optimizer_norms_8bit_blockwise(
+    int optimizer, const void* p, const void* g, int dtype, const uint8_t* state1,
+    const uint8_t* state2, const float* absmax1, const float* absmax2, const float* qmap1,
+    const float* qmap2, const bnbf_optim_args* args, int64_t n, double* out, int num_threads);
+BNBF_API int bnbf_cpu_optimizer_norms_32bit(int optimizer, const void* p, const void* g,
+                                            int dtype, const float* state1, const float* state2,
+                                            const bnbf_optim_args* args, int64_t n, double* out,
+                                            int num_threads);
+
+/* ---- optimizer updates (CUDA): same arguments, the last is the cudaStream_t ---- */
+BNBF_API int bnbf_cuda_optimizer_update_8bit_blockwise(
+    int optimizer, void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2,
+    float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
+    const bnbf_optim_args* args, int64_t n, void* stream);
+BNBF_API int bnbf_cuda_optimizer_update_32bit(int optimizer, void* p, const void* g, int dtype,
+                                              float* state1, float* state2,
+                                              const bnbf_optim_args* args, int64_t n,
+                                              void* stream);
+BNBF_API int bnbf_cuda_optimizer_norms_8bit_blockwise(
+    int optimizer, const void* p, const void* g, int dtype, const uint8_t* state1,
+    const uint8_t* state2, const float* absmax1, const float* absmax2, const float* qmap1,
+    const float* qmap2, const bnbf_optim_args* args, int64_t n, double* out, void* stream);
+BNBF_API int bnbf_cuda_optimizer_norms_32bit(int optimizer, const void* p, const void* g,
+                                             int dtype, const float* state1, const float* state2,
+                                             const bnbf_optim_args* args, int64_t n,
+                                             double* out, void* stream);
 
 /* ---- FusionEmbedding lookup: fused gather + dequantize with new-token routing ----
  * For each of the n ids: id in [0, vocab_size) reads base row id, id in

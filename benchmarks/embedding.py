@@ -1,0 +1,241 @@
+"""Forward+backward time and table memory of FusionEmbedding, side by side in one run.
+
+Compared on the same token batch (a share ``--new-frac`` of the ids are new tokens):
+  * ``nn.Embedding``         one trainable (V + F, D) table: what resizing the vocabulary does;
+  * ``masked routing``       torchtune's FusionEmbedding algorithm: frozen base + trainable
+                             fusion table, routed with masked_select / masked_scatter;
+  * ``FusionEmbedding``      bnbfuse, base plain (frozen), int8 and NF4: one fused
+                             gather+dequantize+route kernel, scatter-add backward.
+Each row reports the median of ``--repeats`` timed forward passes and forward+backward
+passes (``out.backward(grad)``, gradients reset to None each time; on CUDA, timed with
+events after a synchronize), the ratio to ``nn.Embedding``, and the table memory: bytes of
+all parameters and buffers of the module divided by (V + F) * D. Cases run interleaved
+round by round, so a noisy neighbour on a shared machine slows all of them alike.
+
+Example:
+    python benchmarks/embedding.py --vocab 32000 --dim 1024 --tokens 4096 --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=32000, help="base vocabulary V")
+    p.add_argument("--fusion", type=int, default=256, help="new tokens F")
+    p.add_argument("--dim", type=int, default=1024, help="embedding dimension D")
+    p.add_argument("--tokens", type=int, default=4096, help="ids per batch (batch 8 x seq)")
+    p.add_argument("--new-frac", type=float, default=0.05, help="share of ids that are new tokens")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=15, help="timed calls per case (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--devices", nargs="+", default=None,
+                   help="cpu and/or cuda (default: cpu, plus cuda when available)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results directory")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads:
+    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bnbfuse  # noqa: E402
+from bnbfuse.nn import FusionEmbedding  # noqa: E402
+
+
+class MaskedRouting(torch.nn.Module):
+    """The masked_select / masked_scatter routing of torchtune's FusionEmbedding (any shape)."""
+
+    def __init__(self, vocab, fusion, dim, device, dtype):
+        super().__init__()
+        self.vocab = vocab
+        self.embedding = torch.nn.Embedding(vocab, dim, device=device, dtype=dtype)
+        self.embedding.weight.requires_grad_(False)
+        self.fusion_embedding = torch.nn.Embedding(fusion, dim, device=device, dtype=dtype)
+
+    def forward(self, ids):
+        mask = ids < self.vocab
+        base = self.embedding(torch.masked_select(ids, mask))
+        new = self.fusion_embedding(torch.masked_select(ids, ~mask) - self.vocab)
+        out = torch.empty(*ids.shape, base.shape[-1], device=ids.device, dtype=base.dtype)
+        m = mask.unsqueeze(-1).expand_as(out)
+        return out.masked_scatter(m, base).masked_scatter(~m, new)
+
+
+def build(name, a, device, dtype):
+    V, F, D = a.vocab, a.fusion, a.dim
+    if name == "nn.Embedding":
+        return torch.nn.Embedding(V + F, D, device=device, dtype=dtype)
+    if name == "masked routing":
+        return MaskedRouting(V, F, D, device, dtype)
+    quant = {"FusionEmbedding": None, "FusionEmbedding int8": "int8",
+             "FusionEmbedding nf4": "nf4"}[name]
+    m = FusionEmbedding(V, F, D, base_quant=quant, device=device, dtype=dtype)
+    if quant is None:
+        m.embedding.weight.requires_grad_(False)  # frozen base, as in the routing baseline
+    return m
+
+
+CASES = ["nn.Embedding", "masked routing", "FusionEmbedding", "FusionEmbedding int8",
+         "FusionEmbedding nf4"]
+
+
+def table_bytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def timer(device):
+    if device == "cuda":
+        def run(fn):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def bench_device(a, device, bar):
+    dtype = getattr(torch, a.dtype)
+    g = torch.Generator().manual_seed(0)
+    n_new = int(round(a.tokens * a.new_frac))
+    ids = torch.cat([torch.randint(0, a.vocab, (a.tokens - n_new,), generator=g),
+                     torch.randint(a.vocab, a.vocab + a.fusion, (n_new,), generator=g)])
+    ids = ids[torch.randperm(a.tokens, generator=g)].view(8, -1).to(device)
+    grad = torch.randn(*ids.shape, a.dim, generator=g).to(device=device, dtype=dtype)
+    modules = {name: build(name, a, device, dtype) for name in CASES}
+    ref_out = modules["nn.Embedding"](ids)  # all cases must produce the same shape
+    run = timer(device)
+    fwd = {name: [] for name in CASES}
+    both = {name: [] for name in CASES}
+
+    def fwd_only(m):
+        with torch.no_grad():
+            m(ids)
+
+    def fwd_bwd(m):
+        for p in m.parameters():
+            p.grad = None
+        m(ids).backward(grad)
+
+    for r in range(a.warmup + a.repeats):
+        for name, m in modules.items():
+            t1 = run(lambda: fwd_only(m))
+            t2 = run(lambda: fwd_bwd(m))
+            if r >= a.warmup:
+                fwd[name].append(t1)
+                both[name].append(t2)
+            bar.update(1)
+    rows = []
+    base_f = statistics.median(fwd["nn.Embedding"])
+    base_b = statistics.median(both["nn.Embedding"])
+    for name, m in modules.items():
+        assert m(ids).shape == ref_out.shape
+        f, b = statistics.median(fwd[name]), statistics.median(both[name])
+        nbytes = table_bytes(m)
+        rows.append({"device": device, "case": name, "forward_ms": f * 1e3,
+                     "fwd_bwd_ms": b * 1e3, "fwd_ratio": f / base_f, "fwd_bwd_ratio": b / base_b,
+                     "table_bytes": nbytes,
+                     "bytes_per_param": nbytes / ((a.vocab + a.fusion) * a.dim)})
+    return rows
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "bnbfuse": bnbfuse.__version__,
+            "threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+            "backends": {k: v for k, v in bnbfuse.backend_info().items()
+                         if k in ("cpu", "cpu_isa", "cuda")}}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = sorted({r["device"] for r in rows})
+    fig, axes = plt.subplots(1, len(devices) + 1, figsize=(5.5 * (len(devices) + 1), 4.2))
+    for ax, dev in zip(axes, devices):
+        rs = [r for r in rows if r["device"] == dev]
+        x = range(len(rs))
+        ax.bar([i - 0.2 for i in x], [r["forward_ms"] for r in rs], 0.4, label="forward")
+        ax.bar([i + 0.2 for i in x], [r["fwd_bwd_ms"] for r in rs], 0.4, label="forward+backward")
+        ax.set_xticks(list(x), [r["case"].replace("FusionEmbedding", "Fusion") for r in rs],
+                      rotation=30, ha="right")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"time per batch ({dev})")
+        ax.legend()
+    rs = [r for r in rows if r["device"] == devices[0]]
+    ax = axes[-1]
+    ax.bar(range(len(rs)), [r["bytes_per_param"] for r in rs], color="tab:green")
+    ax.set_xticks(range(len(rs)), [r["case"].replace("FusionEmbedding", "Fusion") for r in rs],
+                  rotation=30, ha="right")
+    ax.set_ylabel("bytes / param")
+    ax.set_title("table memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(a) -> dict:
+    from tqdm import tqdm
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    devices = a.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    bar = tqdm(total=len(devices) * len(CASES) * (a.warmup + a.repeats), desc="embedding benchmark",
+               unit="case")
+    rows = []
+    for dev in devices:
+        rows += bench_device(a, dev, bar)
+    bar.close()
+    header = (f"{'device':6} {'case':22} {'fwd ms':>9} {'x nn.Emb':>8} {'fwd+bwd ms':>11} "
+              f"{'x nn.Emb':>8} {'bytes/param':>11}")
+    print(f"\nV={a.vocab} F={a.fusion} D={a.dim} tokens={a.tokens} new={a.new_frac:.0%} "
+          f"dtype={a.dtype} threads={torch.get_num_threads()}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['device']:6} {r['case']:22} {r['forward_ms']:9.3f} {r['fwd_ratio']:8.2f} "
+              f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_ratio']:8.2f} {r['bytes_per_param']:11.4f}")
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+              "machine": machine_info(), "rows": rows}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "embedding.json").write_text(json.dumps(result, indent=2))
+    plot(rows, a.out / "embedding.png")
+    print(f"results: {a.out / 'embedding.json'}, {a.out / 'embedding.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(ARGS)

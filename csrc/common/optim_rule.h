@@ -1,0 +1,136 @@
+// The per-element optimizer update rules, shared by the CPU kernels (csrc/cpu/optimizer.cpp)
+// and the CUDA kernels (csrc/cuda/optimizer.cu).
+//
+// Each rule is the same sequence of float32 operations as `optimizer_rule` in
+// bnbfuse/backends/reference.py, with the host scalars of bnbf_optim_args (computed in double
+// by bnbfuse and rounded once to float32). Contraction is disabled on both compilers
+// (-ffp-contract=off, --fmad=false), so every multiply and add rounds on its own, exactly as
+// the reference's separate tensor ops do: the results are bit-identical.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "bnbfuse.h"
+
+#if defined(__CUDACC__)
+#define BNBF_HD __host__ __device__ __forceinline__
+#else
+#define BNBF_HD inline __attribute__((always_inline))
+#endif
+
+namespace bnbf {
+
+// Optimizer state is quantized in blocks of this many elements of the flattened tensor.
+constexpr int64_t kOptimBlock = 256;
+
+template <int OPT>
+struct OptTraits {
+  static constexpr bool two_state = OPT == BNBF_OPT_ADAM || OPT == BNBF_OPT_ADAMW ||
+                                    OPT == BNBF_OPT_ADEMAMIX || OPT == BNBF_OPT_LAMB;
+  static constexpr bool has_m2 = OPT == BNBF_OPT_ADEMAMIX;  // state1 holds m1 then m2
+  // DESIGN.md "No blow-ups": second-moment-like 8-bit states never round a positive value
+  // to the zero code (see QuantMap::nearest_keep_positive).
+  static constexpr bool keep_positive1 = OPT == BNBF_OPT_RMSPROP || OPT == BNBF_OPT_ADAGRAD;
+  static constexpr bool keep_positive2 = true;
+};
+
+inline bool valid_optimizer(int opt) { return opt >= BNBF_OPT_ADAM && opt <= BNBF_OPT_LARS; }
+inline bool optimizer_two_state(int opt) {
+  return opt == BNBF_OPT_ADAM || opt == BNBF_OPT_ADAMW || opt == BNBF_OPT_ADEMAMIX ||
+         opt == BNBF_OPT_LAMB;
+}
+
+// |g| <= FLT_MAX: false for NaN and +-inf; a compare the vectorisers handle.
+BNBF_HD bool opt_finite(float g) { return fabsf(g) <= 3.40282347e+38f; }
+
+// ok ? a : b as bit operations. A plain ternary whose false arm is the value just loaded
+// from the destination becomes a conditional store in GCC, which blocks vectorisation.
+BNBF_HD float opt_select(bool ok, float a, float b) {
+  const uint32_t m = 0u - (uint32_t)ok;
+  uint32_t ua, ub;
+  __builtin_memcpy(&ua, &a, 4);
+  __builtin_memcpy(&ub, &b, 4);
+  const uint32_t r = (ua & m) | (ub & ~m);
+  float f;
+  __builtin_memcpy(&f, &r, 4);
+  return f;
+}
+
+// torch.sign for float: (0 < x) - (x < 0); NaN gives 0.
+BNBF_HD float opt_sign(float x) { return (x > 0.f ? 1.f : 0.f) - (x < 0.f ? 1.f : 0.f); }
+
+// One update of one element. g is already multiplied by gnorm_scale. Updates p and the
+// states in place and returns the update direction before the learning rate (what the
+// norms ops sum; see optimizer_norms_32bit in the reference for each optimizer's choice).
+template <int OPT>
+BNBF_HD float opt_rule(float& p, float g, float& s1, float& s1b, float& s2,
+                       const bnbf_optim_args& a) {
+  if (OPT == BNBF_OPT_ADAM || OPT == BNBF_OPT_ADAMW || OPT == BNBF_OPT_LAMB) {
+    if (OPT == BNBF_OPT_ADAM) g = g + p * a.weight_decay;
+    if (OPT == BNBF_OPT_ADAMW) p = p * a.decay;
+    s1 = s1 * a.beta1 + g * a.one_minus_beta1;
+    s2 = s2 * a.beta2 + (g * g) * a.one_minus_beta2;
+    const float denom = sqrtf(s2) * a.inv_sqrt_bc2 + a.eps;
+    if (OPT == BNBF_OPT_LAMB) {
+      const float u = (s1 * a.inv_bc1) / denom + p * a.weight_decay;
+      p = p - u * a.step_size;
+      return u;
+    }
+    const float u = s1 / denom;
+    p = p - u * a.step_size;
+    return u * a.inv_bc1;
+  } else if (OPT == BNBF_OPT_ADEMAMIX) {
+    s1 = s1 * a.beta1 + g * a.one_minus_beta1;
+    s1b = s1b * a.beta3 + g * a.one_minus_beta3;
+    s2 = s2 * a.beta2 + (g * g) * a.one_minus_beta2;
+    const float denom = sqrtf(s2) * a.inv_sqrt_bc2 + a.eps;
+    const float u = (s1 * a.inv_bc1 + s1b * a.alpha) / denom;
+    p = p * a.decay - u * a.step_size;
+    return u;
+  } else if (OPT == BNBF_OPT_MOMENTUM) {
+    float d = g + p * a.weight_decay;
+    s1 = a.step == 1 ? d : s1 * a.beta1 + d * a.dampening_factor;
+    d = a.nesterov ? d + s1 * a.beta1 : s1;
+    p = p - d * a.step_size;
+    return d;
+  } else if (OPT == BNBF_OPT_RMSPROP || OPT == BNBF_OPT_ADAGRAD) {
+    g = g + p * a.weight_decay;
+    if (OPT == BNBF_OPT_RMSPROP) s1 = s1 * a.beta1 + (g * g) * a.one_minus_beta1;
+    else s1 = s1 + g * g;
+    const float u = g / (sqrtf(s1) + a.eps);
+    p = p - u * a.step_size;
+    return u;
+  } else if (OPT == BNBF_OPT_LION) {
+    const float u = opt_sign(s1 * a.beta1 + g * a.one_minus_beta1);
+    p = p * a.decay - u * a.step_size;
+    s1 = s1 * a.beta2 + g * a.one_minus_beta2;
+    return u;
+  } else {  // LARS
+    const float d = g + p * a.weight_decay;
+    s1 = s1 * a.beta1 + d * a.update_scale;
+    p = p - s1 * a.step_size;
+    return d;
+  }
+}
+
+// Calls f(std::integral_constant<int, OPT>()) for a runtime optimizer id; false if unknown.
+template <typename F>
+inline bool dispatch_optimizer(int opt, F&& f) {
+#define BNBF_OPT_CASE(X) \
+  case X: f(std::integral_constant<int, X>()); return true;
+  switch (opt) {
+    BNBF_OPT_CASE(BNBF_OPT_ADAM)
+    BNBF_OPT_CASE(BNBF_OPT_ADAMW)
+    BNBF_OPT_CASE(BNBF_OPT_ADEMAMIX)
+    BNBF_OPT_CASE(BNBF_OPT_LAMB)
+    BNBF_OPT_CASE(BNBF_OPT_MOMENTUM)
+    BNBF_OPT_CASE(BNBF_OPT_RMSPROP)
+    BNBF_OPT_CASE(BNBF_OPT_ADAGRAD)
+    BNBF_OPT_CASE(BNBF_OPT_LION)
+    BNBF_OPT_CASE(BNBF_OPT_LARS)
+    default: return false;
+  }
+#undef BNBF_OPT_CASE
+}
+
+}  // namespace bnbf
