@@ -5,41 +5,13 @@
 
 #include "bnbfuse.h"
 #include "kernels.h"
+#include "optim_check.h"
 #include "optim_rule.h"
 #include "runtime.h"
 
 using namespace bnbf;
 
 namespace {
-
-const char* opt_name(int opt) {
-  static const char* names[] = {"adam", "adamw", "ademamix", "lamb", "momentum",
-                                "rmsprop", "adagrad", "lion", "lars"};
-  return valid_optimizer(opt) ? names[opt] : "?";
-}
-
-// Checks shared by all four entry points; `eight_bit` adds the absmax/qmap pointers.
-int check_args(int opt, const void* p, const void* g, int dtype, const void* state1,
-               const void* state2, const bnbf_optim_args* args, int64_t n, bool eight_bit,
-               const void* absmax1, const void* absmax2, const void* qmap1, const void* qmap2) {
-  if (!valid_optimizer(opt)) return fail(BNBF_E_ARG, "unknown optimizer id %d", opt);
-  if (n < 0) return fail(BNBF_E_ARG, "n must be >= 0, got %lld", (long long)n);
-  if (n > INT64_MAX / 4) return fail(BNBF_E_ARG, "n = %lld is too large", (long long)n);
-  if (dtype != BNBF_F32 && dtype != BNBF_F16 && dtype != BNBF_BF16)
-    return fail(BNBF_E_ARG, "unsupported dtype code %d", dtype);
-  if (!args) return fail(BNBF_E_ARG, "args is a null pointer");
-  if (args->step < 1) return fail(BNBF_E_ARG, "step must be >= 1, got %d", (int)args->step);
-  if (n == 0) return BNBF_OK;
-  if (!p || !g || !state1) return fail(BNBF_E_ARG, "null pointer among p, g, state1");
-  const bool two = optimizer_two_state(opt);
-  if (two && !state2) return fail(BNBF_E_ARG, "%s needs state2 (null pointer)", opt_name(opt));
-  if (eight_bit) {
-    if (!absmax1 || !qmap1) return fail(BNBF_E_ARG, "null pointer among absmax1, qmap1");
-    if (two && (!absmax2 || !qmap2))
-      return fail(BNBF_E_ARG, "%s needs absmax2 and qmap2 (null pointer)", opt_name(opt));
-  }
-  return BNBF_OK;
-}
 
 int unknown(int opt) { return fail(BNBF_E_ARG, "unknown optimizer id %d", opt); }
 
@@ -49,7 +21,7 @@ BNBF_API int bnbf_cpu_optimizer_update_8bit_blockwise(
     int optimizer, void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2,
     float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
     const bnbf_optim_args* args, int64_t n, int num_threads) {
-  if (int rc = check_args(optimizer, p, g, dtype, state1, state2, args, n, true, absmax1,
+  if (int rc = check_optimizer_args(optimizer, p, g, dtype, state1, state2, args, n, true, absmax1,
                           absmax2, qmap1, qmap2))
     return rc;
   if (n == 0) return BNBF_OK;
@@ -66,7 +38,7 @@ BNBF_API int bnbf_cpu_optimizer_update_32bit(int optimizer, void* p, const void*
                                              float* state1, float* state2,
                                              const bnbf_optim_args* args, int64_t n,
                                              int num_threads) {
-  if (int rc = check_args(optimizer, p, g, dtype, state1, state2, args, n, false, nullptr,
+  if (int rc = check_optimizer_args(optimizer, p, g, dtype, state1, state2, args, n, false, nullptr,
                           nullptr, nullptr, nullptr))
     return rc;
   if (n == 0) return BNBF_OK;
@@ -81,10 +53,9 @@ BNBF_API int bnbf_cpu_optimizer_norms_8bit_blockwise(
     int optimizer, const void* p, const void* g, int dtype, const uint8_t* state1,
     const uint8_t* state2, const float* absmax1, const float* absmax2, const float* qmap1,
     const float* qmap2, const bnbf_optim_args* args, int64_t n, double* out, int num_threads) {
-  if (int rc = check_args(optimizer, p, g, dtype, state1, state2, args, n, true, absmax1,
-                          absmax2, qmap1, qmap2))
+  if (int rc = check_optimizer_args(optimizer, p, g, dtype, state1, state2, args, n, true, absmax1,
+                          absmax2, qmap1, qmap2, true, out))
     return rc;
-  if (!out) return fail(BNBF_E_ARG, "out is a null pointer");
   if (n == 0) return BNBF_OK;
   const bool two = optimizer_two_state(optimizer);
   const QuantMap* map2 = two ? &quant_map(qmap2) : nullptr;
@@ -99,10 +70,9 @@ BNBF_API int bnbf_cpu_optimizer_norms_32bit(int optimizer, const void* p, const 
                                             int dtype, const float* state1, const float* state2,
                                             const bnbf_optim_args* args, int64_t n, double* out,
                                             int num_threads) {
-  if (int rc = check_args(optimizer, p, g, dtype, state1, state2, args, n, false, nullptr,
-                          nullptr, nullptr, nullptr))
+  if (int rc = check_optimizer_args(optimizer, p, g, dtype, state1, state2, args, n, false, nullptr,
+                          nullptr, nullptr, nullptr, true, out))
     return rc;
-  if (!out) return fail(BNBF_E_ARG, "out is a null pointer");
   if (n == 0) return BNBF_OK;
   const bool two = optimizer_two_state(optimizer);
   if (!BNBF_CPU_CALL(optimizer_norms_32bit, optimizer, p, g, dtype, state1,

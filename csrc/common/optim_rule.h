@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "bnbfuse.h"
 
 #if defined(__CUDACC__)

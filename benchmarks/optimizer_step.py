@@ -1,0 +1,292 @@
+"""Optimizer step throughput and state memory: bnbfuse 8-bit and 32-bit AdamW beside
+torch.optim.AdamW (fused=True and foreach=True), bitsandbytes AdamW8bit and torchao AdamW8bit
+(when importable), all in one run on the same tensors.
+
+Per configuration (size x dtype) every optimizer takes `--warmup` untimed steps and then
+`--repeats` timed steps on a parameter of that many elements; the table shows the median
+step time as Mparam/s, the optimizer state in bytes per parameter (counted from the state
+tensors), and the throughput relative to torch's fused AdamW measured in the same run.
+
+bnbfuse is driven through its optimizer classes (``bnbfuse.optim.AdamW8bit`` /
+``AdamW32bit``) when they exist; otherwise through a minimal adapter that calls the update
+ops directly (marked "(op adapter)" in the output).
+
+    python benchmarks/optimizer_step.py                     # 1M..64M, fp32 and bf16
+    python benchmarks/optimizer_step.py --sizes 16 --dtypes fp32 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bnbfuse  # noqa: E402
+from bnbfuse.functional import dynamic_map  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 1e-2
+
+
+class OpAdamW(torch.optim.Optimizer):
+    """Minimal AdamW over ``bnbfuse::optimizer_update_{8bit_blockwise,32bit}`` for this
+    benchmark, used only when ``bnbfuse.optim.AdamW8bit``/``AdamW32bit`` are not available.
+    Same state layout as the classes (state1/state2 codes, absmax1/absmax2, qmap1/qmap2)."""
+
+    def __init__(self, params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, eight_bit=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.eight_bit = eight_bit
+
+    @torch.no_grad()
+    def step(self):
+        ops = torch.ops.bnbfuse
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    if self.eight_bit:
+                        q1, q2 = dynamic_map(True, p.device), dynamic_map(False, p.device)
+                        blocks = -(p.numel() // -256)
+                        st["qmap1"], st["qmap2"] = q1, q2
+                        st["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                        st["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                        st["absmax1"] = torch.zeros(blocks, device=p.device)
+                        st["absmax2"] = torch.zeros(blocks, device=p.device)
+                    else:
+                        st["state1"] = torch.zeros(p.shape, device=p.device)
+                        st["state2"] = torch.zeros(p.shape, device=p.device)
+                st["step"] += 1
+                hp = (group["lr"], b1, b2, 0.0, 0.0, group["eps"], group["weight_decay"], 0.0,
+                      False, st["step"], 1.0, 1.0)
+                if self.eight_bit:
+                    ops.optimizer_update_8bit_blockwise(
+                        "adamw", p, p.grad, st["state1"], st["state2"], st["absmax1"],
+                        st["absmax2"], st["qmap1"], st["qmap2"], *hp)
+                else:
+                    ops.optimizer_update_32bit("adamw", p, p.grad, st["state1"], st["state2"],
+                                               *hp)
+
+
+def bnbfuse_factories():
+    """(label, factory) for bnbfuse 8-bit and 32-bit: the classes if present, else OpAdamW."""
+    optim = getattr(bnbfuse, "optim", None)
+    cls8 = getattr(optim, "AdamW8bit", None)
+    cls32 = getattr(optim, "AdamW32bit", None)
+    out = []
+    if cls8 is not None:
+        out.append(("bnbfuse AdamW8bit", lambda ps: cls8(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                         weight_decay=WD)))
+    else:
+        out.append(("bnbfuse AdamW8bit (op adapter)", lambda ps: OpAdamW(ps, eight_bit=True)))
+    if cls32 is not None:
+        out.append(("bnbfuse AdamW32bit", lambda ps: cls32(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                           weight_decay=WD)))
+    else:
+        out.append(("bnbfuse AdamW32bit (op adapter)", lambda ps: OpAdamW(ps, eight_bit=False)))
+    return out
+
+
+def contenders(device):
+    out = [
+        ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                           weight_decay=WD, fused=True)),
+        ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                             weight_decay=WD, foreach=True)),
+    ]
+    out += bnbfuse_factories()
+    notes = []
+    try:
+        import bitsandbytes as bnb
+        out.append(("bitsandbytes AdamW8bit",
+                    lambda ps: bnb.optim.AdamW8bit(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                   weight_decay=WD)))
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
+        notes.append(f"bitsandbytes not available: {err}")
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+        out.append(("torchao AdamW8bit",
+                    lambda ps: AoAdamW8bit(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"torchao not available: {err}")
+    return out, notes
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                # torchao keeps quantized subclasses: count their inner tensors
+                inner = getattr(v, "__tensor_flatten__", None)
+                if inner is not None and type(v) is not torch.Tensor:
+                    names, _ = v.__tensor_flatten__()
+                    total += sum(getattr(v, n).numel() * getattr(v, n).element_size()
+                                 for n in names)
+                else:
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(factory, numel, dtype, device, warmup, repeats, slow_budget_s):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(numel, generator=gen).to(device=device, dtype=dtype))
+    p.grad = (torch.randn(numel, generator=gen) * 1e-2).to(device=device, dtype=dtype)
+    opt = factory([p])
+    times = []
+    t_first = None
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        sync(device)
+        dt = time.perf_counter() - t0
+        if i == 0:
+            t_first = dt
+        if i >= warmup:
+            times.append(dt)
+        # very slow implementations: stop after one timed step once over the budget
+        if i >= warmup and t_first > slow_budget_s:
+            break
+        if i == 0 and t_first > slow_budget_s and warmup > 0:
+            warmup = 1
+    if not torch.isfinite(p.detach()).all():
+        raise RuntimeError("non-finite parameters after the steps")
+    med = statistics.median(times)
+    return dict(seconds=med, mparam_s=numel / med / 1e6, state_bytes_per_param=state_bytes(opt) / numel,
+                repeats=len(times))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,4,16,64",
+                    help="comma-separated parameter counts in millions (default 1,4,16,64)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated substrings of contender names")
+    ap.add_argument("--slow-budget", type=float, default=5.0,
+                    help="seconds: a step slower than this is timed once")
+    ap.add_argument("--max-slow-size", type=float, default=16,
+                    help="millions: skip bitsandbytes/torchao (CPU) above this size")
+    ap.add_argument("--out", default="benchmarks/results/optimizer_step",
+                    help="path prefix for the .json and .png outputs")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    sizes = [float(s) for s in args.sizes.split(",") if s]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    cands, notes = contenders(device)
+    if args.only:
+        keys = [k.strip().lower() for k in args.only.split(",")]
+        cands = [c for c in cands if any(k in c[0].lower() for k in keys)]
+    from tqdm import tqdm
+
+    jobs = [(s, d, c) for s in sizes for d in dtypes for c in cands]
+    results = []
+    for size, dname, (name, factory) in tqdm(jobs, desc="optimizer steps", unit="run"):
+        numel = int(size * 1_000_000) if size >= 1 else int(size * 1_000_000)
+        third_party = name.startswith(("bitsandbytes", "torchao"))
+        row = dict(optimizer=name, size_m=size, numel=numel, dtype=dname)
+        if third_party and device.type == "cpu" and size > args.max_slow_size:
+            row["skipped"] = f"size above --max-slow-size {args.max_slow_size}M"
+            results.append(row)
+            continue
+        try:
+            row.update(bench_one(factory, numel, DTYPES[dname], device, args.warmup,
+                                 args.repeats, args.slow_budget))
+        except Exception as err:  # noqa: BLE001 - report and continue with the others
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+        results.append(row)
+
+    # ratios vs torch fused in the same run
+    fused = {(r["size_m"], r["dtype"]): r.get("mparam_s") for r in results
+             if r["optimizer"] == "torch AdamW fused"}
+    for r in results:
+        base = fused.get((r["size_m"], r["dtype"]))
+        if base and r.get("mparam_s"):
+            r["vs_torch_fused"] = r["mparam_s"] / base
+
+    machine = dict(platform=platform.platform(), processor=platform.processor(),
+                   cpu_count=os.cpu_count(), torch=torch.__version__,
+                   torch_threads=torch.get_num_threads(), device=str(device),
+                   bnbfuse_native_cpu=bnbfuse._native.cpu.loaded,
+                   isa=(bnbfuse._native.cpu.lib.bnbf_cpu_isa().decode()
+                        if bnbfuse._native.cpu.loaded else None))
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+
+    print(f"\nmachine: {machine}")
+    for n in notes:
+        print(f"note: {n}")
+    hdr = f"{'size':>6} {'dtype':>5}  {'optimizer':<34} {'Mparam/s':>9} {'ms/step':>9} " \
+          f"{'state B/param':>13} {'vs fused':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        if "mparam_s" in r:
+            print(f"{r['size_m']:>5g}M {r['dtype']:>5}  {r['optimizer']:<34} "
+                  f"{r['mparam_s']:>9.1f} {r['seconds'] * 1e3:>9.2f} "
+                  f"{r['state_bytes_per_param']:>13.3f} {r.get('vs_torch_fused', float('nan')):>7.2f}x")
+        else:
+            print(f"{r['size_m']:>5g}M {r['dtype']:>5}  {r['optimizer']:<34} "
+                  f"{r.get('skipped') or r.get('error')}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/optimizer_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.with_suffix(".json").write_text(json.dumps(dict(machine=machine, command=cmd,
+                                                        notes=notes, results=results), indent=2))
+    plot(results, dtypes, out.with_suffix(".png"), machine)
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return results
+
+
+def plot(results, dtypes, path, machine):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    names = list(dict.fromkeys(r["optimizer"] for r in results))
+    for ax, dname in zip(axes[0], dtypes):
+        for name in names:
+            pts = sorted((r["size_m"], r["mparam_s"]) for r in results
+                         if r["optimizer"] == name and r["dtype"] == dname and "mparam_s" in r)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("Mparam/s (higher is better)")
+        ax.set_title(f"AdamW step, {dname} params, {machine['device']} "
+                     f"({machine['torch_threads']} threads)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
