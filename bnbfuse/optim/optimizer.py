@@ -470,11 +470,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(f"{name}.load_state_dict: group {i} has {len(sg['params'])} "
                                  f"saved parameters, the optimizer has {len(g['params'])}")
-            missing = sorted(set(g) - set(sg) - {"params", "param_names"})
+            missing = sorted(set(g) - set(sg) - {"params", "param_names", *_COMMON_KEYS})
             if missing:
                 raise ValueError(f"{name}.load_state_dict: group {i} lacks settings {missing} "
                                  "(saved by a different optimizer class?)")
             self._validate({**g, **{k: v for k, v in sg.items() if k != "params"}})
+        # bitsandbytes keeps optim_bits & co. outside the groups: keep ours where absent
+        saved_groups = [{**{k: g[k] for k in _COMMON_KEYS if k not in sg}, **sg}
+                        for g, sg in zip(self.param_groups, saved_groups)]
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
         index_of = {p: i for i, p in enumerate(chain.from_iterable(
@@ -566,7 +569,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{name}.load_torch_state_dict: state for unknown parameter "
                                  f"id {key!r}")
             p = id_map[key]
-            missing = [k for k in ("step", *names) if k not in tst]
+            # torch.optim.SGD keeps no step count; any count > 0 means "buffer exists"
+            required = names if self.optimizer_name == "momentum" else ("step", *names)
+            missing = [k for k in required if k not in tst]
             if missing:
                 raise ValueError(f"{name}.load_torch_state_dict: parameter {key} lacks "
                                  f"{missing} (keys: {sorted(tst)})")
@@ -587,7 +592,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 tst = new_state[p]
                 st: dict = {}
                 self._init_state(p, st, self._param_config(group, p))
-                step = tst["step"]
+                step = tst.get("step", 1)
                 st["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
                 for i, k in enumerate(names, start=1):
                     self._set_state(st, i, _local(tst[k]) if _is_dtensor(tst[k]) else tst[k])

@@ -1,0 +1,296 @@
+"""State dicts: bit-exact resume, validation, devices, bitsandbytes' layout, and conversion
+to and from torch.optim state dicts."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import bnbfuse.functional as F
+import bnbfuse.optim as bo
+
+
+@pytest.fixture(autouse=True)
+def _setup():
+    bo.GlobalOptimManager.get_instance().initialize()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    bo.GlobalOptimManager.get_instance().initialize()
+
+
+FACTORIES = {
+    "AdamW8bit": lambda ps: bo.AdamW8bit(ps, lr=1e-2),
+    "Adam8bit-pc": lambda ps: bo.Adam8bit(ps, lr=1e-2, weight_decay=0.1, percentile_clipping=50),
+    "AdamW32bit": lambda ps: bo.AdamW32bit(ps, lr=1e-2),
+    "Lion8bit": lambda ps: bo.Lion8bit(ps, lr=1e-3),
+    "SGD8bit": lambda ps: bo.SGD8bit(ps, lr=1e-2, momentum=0.9),
+    "RMSprop8bit": lambda ps: bo.RMSprop8bit(ps, lr=1e-3),
+    "Adagrad8bit": lambda ps: bo.Adagrad8bit(ps, lr=1e-2, lr_decay=0.01),
+    "AdEMAMix8bit": lambda ps: bo.AdEMAMix8bit(ps, lr=1e-3, t_alpha=10, t_beta3=10),
+    "LAMB8bit": lambda ps: bo.LAMB8bit(ps, lr=1e-3),
+    "LARS8bit": lambda ps: bo.LARS8bit(ps, lr=1e-2, momentum=0.9, max_unorm=0.02),
+    "AdamW-bf16": lambda ps: bo.AdamW8bit(ps, lr=1e-2),
+}
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 8)).to(dtype)
+
+
+def _train(model, opt, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = model[0].weight.dtype
+    for _ in range(steps):
+        x = torch.randn(16, 96, generator=gen).to(dtype)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_resume_is_bit_exact(name):
+    dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+    m1 = _model(dtype)
+    o1 = FACTORIES[name](m1.parameters())
+    _train(m1, o1, 7, seed=1)
+    _train(m1, o1, 6, seed=2)  # the uninterrupted run
+
+    m2 = _model(dtype)
+    o2 = FACTORIES[name](m2.parameters())
+    _train(m2, o2, 7, seed=1)
+    saved_model = _roundtrip(m2.state_dict())
+    saved_opt = _roundtrip(o2.state_dict())
+    m3 = _model(dtype)
+    m3.load_state_dict(saved_model)
+    o3 = FACTORIES[name](m3.parameters())  # a fresh optimizer
+    o3.load_state_dict(saved_opt)
+    _train(m3, o3, 6, seed=2)
+
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)
+    for pa, pb in zip(m1.parameters(), m3.parameters()):
+        sa, sb = o1.state[pa], o3.state[pb]
+        assert set(sa) == set(sb)
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                assert sa[k] == sb[k]
+
+
+def test_state_dict_layout_and_no_cast_for_bf16_params():
+    m = _model(torch.bfloat16)
+    o = bo.AdamW8bit(m.parameters())
+    _train(m, o, 2, seed=0)
+    sd = o.state_dict()
+    w_state = sd["state"][0]
+    assert set(w_state) == {"step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2"}
+    assert w_state["step"] == 2
+    assert set(sd["state"][1]) == {"step", "state1", "state2"}  # bias: 64 < min_8bit_size
+    fresh = bo.AdamW8bit(m.parameters())
+    fresh.load_state_dict(sd)
+    st = fresh.state[m[0].weight]
+    # torch.optim would cast floating state to the parameter's dtype (bf16): we must not
+    assert st["state1"].dtype == torch.uint8 and st["absmax1"].dtype == torch.float32
+    assert fresh.state[m[0].bias]["state1"].dtype == torch.float32
+    # loaded state is a copy: stepping must not change the dict it came from
+    snapshot = copy.deepcopy(sd["state"][0]["state1"])
+    _train(m, fresh, 1, seed=3)
+    assert torch.equal(sd["state"][0]["state1"], snapshot)
+
+
+def _trained():
+    m = _model()
+    o = bo.AdamW8bit(m.parameters())
+    _train(m, o, 2, seed=0)
+    return m, o
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda sd: sd["state"][0].__setitem__("state1", sd["state"][0]["state1"][:10]), "shape"),
+    (lambda sd: sd["state"][0].pop("absmax2"), "keys"),
+    (lambda sd: sd["state"][0].__setitem__("extra", torch.zeros(3)), "keys"),
+    (lambda sd: sd["state"][0].__setitem__("absmax1", sd["state"][0]["absmax1"][:-1]), "absmax1"),
+    (lambda sd: sd["state"][0].__setitem__("state2", sd["state"][0]["state2"].float()), "dtype"),
+    (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "groups"),
+    (lambda sd: sd["param_groups"][0]["params"].pop(), "parameters"),
+    (lambda sd: sd["param_groups"][0].pop("betas"), "betas"),
+    (lambda sd: sd["state"].__setitem__(99, {}), "unknown"),
+])
+def test_mismatched_state_dict_raises_value_error(corrupt, match):
+    m, o = _trained()
+    sd = copy.deepcopy(o.state_dict())
+    corrupt(sd)
+    fresh = bo.AdamW8bit(m.parameters())
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(sd)
+
+
+def test_loading_a_torch_state_dict_directly_points_to_the_converter():
+    m = _model()
+    t = torch.optim.AdamW(m.parameters())
+    _train(m, t, 1, seed=0)
+    with pytest.raises(ValueError, match="load_torch_state_dict"):
+        bo.AdamW8bit(m.parameters()).load_state_dict(t.state_dict())
+
+
+def test_state_dict_of_another_class_is_rejected():
+    m = _model()
+    lion = bo.Lion8bit(m.parameters())
+    _train(m, lion, 1, seed=0)
+    with pytest.raises(ValueError):
+        bo.AdamW8bit(m.parameters()).load_state_dict(lion.state_dict())
+
+
+def test_loads_bitsandbytes_state_dict():
+    bnb = pytest.importorskip("bitsandbytes")
+    m = _model()
+    theirs = bnb.optim.AdamW8bit(m.parameters(), lr=1e-3)
+    _train(m, theirs, 3, seed=0)
+    sd = theirs.state_dict()
+    ours = bo.AdamW8bit(m.parameters(), lr=1e-3)
+    ours.load_state_dict(sd)
+    st = ours.state[m[0].weight]
+    assert st["step"] == 3 and st["state1"].dtype == torch.uint8
+    their_state = theirs.state[m[0].weight]
+    assert torch.equal(st["state1"], their_state["state1"])
+    _train(m, ours, 2, seed=1)
+    assert ours.state[m[0].weight]["step"] == 5
+
+
+@pytest.mark.cuda
+def test_load_moves_state_to_the_parameter_device():
+    m = _model()
+    o = bo.AdamW8bit(m.parameters())
+    _train(m, o, 2, seed=0)
+    sd = o.state_dict()
+    mc = _model().cuda()
+    oc = bo.AdamW8bit(mc.parameters())
+    oc.load_state_dict(sd)
+    for k, v in oc.state[mc[0].weight].items():
+        if torch.is_tensor(v):
+            assert v.device.type == "cuda", k
+    mc(torch.randn(4, 96, device="cuda")).sum().backward()
+    oc.step()
+
+
+# ---- torch.optim conversion ---------------------------------------------------------------
+def test_export_to_torch_adamw_continues_like_32bit():
+    m1 = _model()
+    ours = bo.AdamW32bit(m1.parameters(), lr=1e-2, weight_decay=0.05)
+    _train(m1, ours, 5, seed=0)
+    m2 = _model()
+    m2.load_state_dict(m1.state_dict())
+    t = torch.optim.AdamW(m2.parameters(), lr=1.0)
+    t.load_state_dict(ours.torch_state_dict())
+    assert t.param_groups[0]["lr"] == 1e-2 and t.param_groups[0]["weight_decay"] == 0.05
+    _train(m1, ours, 5, seed=1)
+    _train(m2, t, 5, seed=1)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_export_8bit_dequantizes():
+    m = _model()
+    o = bo.AdamW8bit(m.parameters(), lr=1e-2)
+    _train(m, o, 3, seed=0)
+    tsd = o.torch_state_dict()
+    st = o.state[m[0].weight]
+    expect = F.dequantize_blockwise(st["state2"], absmax=st["absmax2"], code=st["qmap2"],
+                                    blocksize=256)
+    assert torch.equal(tsd["state"][0]["exp_avg_sq"], expect)
+    assert tsd["state"][0]["exp_avg"].dtype == torch.float32
+    assert float(tsd["state"][0]["step"]) == 3.0
+    t = torch.optim.AdamW(m.parameters())
+    t.load_state_dict(tsd)
+    _train(m, t, 1, seed=1)  # torch can continue from it
+
+
+def test_import_from_torch_adamw_mid_run_tracks_torch():
+    torch.manual_seed(0)
+    ref_model = _model()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, weight_decay=0.02)
+    _train(ref_model, ref, 5, seed=0)
+    model = _model()
+    model.load_state_dict(ref_model.state_dict())
+    ours = bo.AdamW8bit(model.parameters(), lr=123.0, min_8bit_size=0)
+    ours.load_torch_state_dict(ref.state_dict())
+    assert ours.param_groups[0]["lr"] == 1e-3 and ours.param_groups[0]["weight_decay"] == 0.02
+    st = ours.state[model[0].weight]
+    assert st["step"] == 5 and st["state1"].dtype == torch.uint8
+    exp_avg = ref.state[ref_model[0].weight]["exp_avg"]
+    got = F.dequantize_blockwise(st["state1"], absmax=st["absmax1"], code=st["qmap1"],
+                                 blocksize=256)
+    assert (~torch.isclose(got, exp_avg, atol=3e-3, rtol=1e-3)).sum() < 20
+    # no nonzero second moment became zero (the no-blow-up policy)
+    v = F.dequantize_blockwise(st["state2"], absmax=st["absmax2"], code=st["qmap2"],
+                               blocksize=256)
+    assert not ((v == 0) & (ref.state[ref_model[0].weight]["exp_avg_sq"] > 0)).any()
+    cold_model = _model()  # the same switch without the torch state, for contrast
+    cold_model.load_state_dict(ref_model.state_dict())
+    cold = bo.AdamW8bit(cold_model.parameters(), lr=1e-3, weight_decay=0.02, min_8bit_size=0)
+    _train(ref_model, ref, 10, seed=1)
+    _train(model, ours, 10, seed=1)
+    _train(cold_model, cold, 10, seed=1)
+    err = torch.stack([(a - b).abs().mean() for a, b in
+                       zip(model.parameters(), ref_model.parameters())]).max()
+    cold_err = torch.stack([(a - b).abs().mean() for a, b in
+                            zip(cold_model.parameters(), ref_model.parameters())]).max()
+    assert err < 1.5e-4 and err < cold_err / 5, (err, cold_err)
+
+
+def test_torch_round_trip_32bit_is_exact():
+    m = _model()
+    o = bo.AdamW32bit(m.parameters(), lr=1e-2)
+    _train(m, o, 3, seed=0)
+    o2 = bo.AdamW32bit(m.parameters())
+    o2.load_torch_state_dict(o.torch_state_dict())
+    for p in m.parameters():
+        for k in ("state1", "state2"):
+            assert torch.equal(o.state[p][k], o2.state[p][k])
+        assert o2.state[p]["step"] == 3
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda ps: bo.SGD8bit(ps, lr=1e-2, momentum=0.9),
+     lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)),
+    (lambda ps: bo.RMSprop8bit(ps, lr=1e-3), lambda ps: torch.optim.RMSprop(ps, lr=1e-3)),
+    (lambda ps: bo.Adagrad8bit(ps, lr=1e-2), lambda ps: torch.optim.Adagrad(ps, lr=1e-2)),
+])
+def test_other_torch_counterparts_round_trip(ours, theirs):
+    m = _model()
+    t = theirs(m.parameters())
+    _train(m, t, 3, seed=0)
+    o = ours(m.parameters())
+    o.load_torch_state_dict(t.state_dict())
+    t2 = theirs(m.parameters())
+    t2.load_state_dict(o.torch_state_dict())
+    _train(m, t2, 1, seed=1)
+    _train(m, o, 1, seed=2)
+
+
+def test_torch_conversion_errors():
+    m = _model()
+    t = torch.optim.Adam(m.parameters(), weight_decay=0.1)
+    _train(m, t, 1, seed=0)
+    with pytest.raises(ValueError, match="coupled"):  # Adam's L2 state into AdamW
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(t.state_dict())
+    ams = torch.optim.AdamW(m.parameters(), amsgrad=True)
+    _train(m, ams, 1, seed=0)
+    with pytest.raises(ValueError, match="amsgrad"):
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(ams.state_dict())
+    with pytest.raises(NotImplementedError):
+        bo.Lion8bit(m.parameters()).torch_state_dict()
