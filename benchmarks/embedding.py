@@ -9,7 +9,9 @@ Compared on the same token batch (a share ``--new-frac`` of the ids are new toke
 Each row reports the median of ``--repeats`` timed forward passes and forward+backward
 passes (``out.backward(grad)``, gradients reset to None each time; on CUDA, timed with
 events after a synchronize), the ratio to ``nn.Embedding``, and the table memory: bytes of
-all parameters and buffers of the module divided by (V + F) * D. Cases run interleaved
+all parameters and buffers of the module divided by (V + F) * D ("bytes/param"), and of the
+base table alone divided by V * D ("base only"). It then prints the quantization error of
+the candidate base-table schemes (the measurement behind the int8 / NF4 choice). Cases run interleaved
 round by round, so a noisy neighbour on a shared machine slows all of them alike.
 
 Example:
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=4096, help="ids per batch (batch 8 x seq)")
     p.add_argument("--new-frac", type=float, default=0.05, help="share of ids that are new tokens")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=15, help="timed calls per case (median)")
+    p.add_argument("--repeats", type=int, default=25, help="timed calls per case (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--devices", nargs="+", default=None,
@@ -153,10 +155,42 @@ def bench_device(a, device, bar):
         assert m(ids).shape == ref_out.shape
         f, b = statistics.median(fwd[name]), statistics.median(both[name])
         nbytes = table_bytes(m)
+        base = m.embedding if hasattr(m, "embedding") else m
+        base_rows = a.vocab if hasattr(m, "embedding") else a.vocab + a.fusion
         rows.append({"device": device, "case": name, "forward_ms": f * 1e3,
                      "fwd_bwd_ms": b * 1e3, "fwd_ratio": f / base_f, "fwd_bwd_ratio": b / base_b,
                      "table_bytes": nbytes,
-                     "bytes_per_param": nbytes / ((a.vocab + a.fusion) * a.dim)})
+                     "bytes_per_param": nbytes / ((a.vocab + a.fusion) * a.dim),
+                     "base_bytes_per_param": table_bytes(base) / (base_rows * a.dim)})
+    return rows
+
+
+def quant_error(a) -> list[dict]:
+    """mean |error| / mean |w| of the candidate base-table schemes on a randn(4096, D) table:
+    the chosen ones (linear int8 and NF4 in row blocks of 64) beside the alternatives."""
+    from bnbfuse import quant_tables as qt
+    from bnbfuse.functional import dequantize_blockwise, quantize_blockwise
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, a.dim, generator=g)
+    mean_w = w.abs().mean()
+    rows = []
+
+    def add(name, deq, nbytes, chosen=False):
+        rows.append({"scheme": name, "rel_error": float((deq - w).abs().mean() / mean_w),
+                     "bytes_per_param": nbytes / w.numel(), "chosen": chosen})
+
+    for scheme in ("int8", "nf4"):
+        for bs in (64, 128, a.dim):
+            codes, absmax = qt.quantize_table(w, scheme, bs)
+            label = f"{scheme} linear" if scheme == "int8" else "nf4"
+            label += " row-wise absmax" if bs == a.dim else f" blocks of {bs}"
+            add(label, qt.dequantize_table(codes, absmax, scheme, bs, a.dim),
+                qt.table_bytes(4096, a.dim, scheme, bs), chosen=bs == qt.DEFAULT_BLOCKSIZE)
+    for bs in (64, a.dim):
+        codes, state = quantize_blockwise(w, blocksize=bs)
+        add(f"int8 dynamic map {'row-wise' if bs == a.dim else f'blocks of {bs}'}",
+            dequantize_blockwise(codes, state), w.numel() + 4 * state.absmax.numel())
     return rows
 
 
@@ -220,16 +254,22 @@ def main(a) -> dict:
         rows += bench_device(a, dev, bar)
     bar.close()
     header = (f"{'device':6} {'case':22} {'fwd ms':>9} {'x nn.Emb':>8} {'fwd+bwd ms':>11} "
-              f"{'x nn.Emb':>8} {'bytes/param':>11}")
+              f"{'x nn.Emb':>8} {'bytes/param':>11} {'base only':>9}")
     print(f"\nV={a.vocab} F={a.fusion} D={a.dim} tokens={a.tokens} new={a.new_frac:.0%} "
           f"dtype={a.dtype} threads={torch.get_num_threads()}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['device']:6} {r['case']:22} {r['forward_ms']:9.3f} {r['fwd_ratio']:8.2f} "
-              f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_ratio']:8.2f} {r['bytes_per_param']:11.4f}")
+              f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_ratio']:8.2f} {r['bytes_per_param']:11.4f} "
+              f"{r['base_bytes_per_param']:9.4f}")
+    errors = quant_error(a)
+    print(f"\nbase-table quantization error on randn(4096, {a.dim}) (mean |error| / mean |w|)")
+    for e in errors:
+        print(f"  {e['scheme']:32} {100 * e['rel_error']:6.2f} %  {e['bytes_per_param']:.4f} "
+              f"bytes/param{'  <- used' if e['chosen'] else ''}")
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-              "machine": machine_info(), "rows": rows}
+              "machine": machine_info(), "rows": rows, "quantization_error": errors}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "embedding.json").write_text(json.dumps(result, indent=2))
     plot(rows, a.out / "embedding.png")
