@@ -327,3 +327,31 @@ def test_cuda_c_api_rejects_bad_arguments():
     assert q(p[0], host.data_ptr(), 0, p[2], p[3], 64, 100, None) == -1
     assert "not CUDA device memory" in err()
     assert q(None, None, 0, None, None, 64, 0, None) == 0
+
+
+def test_cuda_library_host_side_checks():
+    """The CUDA library's own argument checks and error buffer; runs without a GPU (the
+    checks return before any CUDA call)."""
+    _cuda_ready()
+    lib = _native.cuda
+    P, I32, I64 = _native.P, _native.I32, _native.I64
+    q = lib.function("bnbf_cuda_quantize_blockwise", P, P, I32, P, P, I64, I64, P)
+    dq = lib.function("bnbf_cuda_dequantize_blockwise", P, P, P, P, I32, I64, I64, P)
+    err = lambda: lib.bnbf_last_error().decode()  # noqa: E731
+    assert lib.bnbf_cuda_archs().decode() == "sm_80 sm_90"
+    if _native.cpu.loaded:
+        assert lib.bnbf_version().decode() == _native.cpu.bnbf_version().decode()
+    fake = 4096  # never dereferenced: every call below fails its checks first
+    assert q(fake, fake, 0, fake, fake, 64, -1, None) == -1 and "n must be >= 0" in err()
+    assert q(fake, fake, 0, fake, fake, 0, 10, None) == -1 and "blocksize" in err()
+    assert q(fake, fake, 3, fake, fake, 64, 10, None) == -1 and "dtype" in err()
+    assert q(None, fake, 0, fake, fake, 64, 10, None) == -1 and "null pointer" in err()
+    assert dq(fake, fake, fake, fake, 0, 64, -2, None) == -1 and "n must be" in err()
+    assert dq(fake, fake, None, fake, 0, 64, 10, None) == -1 and "null pointer" in err()
+    assert q(None, None, 0, None, None, 64, 0, None) == 0
+    assert dq(None, None, None, None, 2, 64, 0, None) == 0
+    if not torch.cuda.is_available():
+        # Host memory (or no GPU at all) is refused, never dereferenced.
+        x = torch.randn(10)
+        rc = q(fake, x.data_ptr(), 0, fake, fake, 64, 10, None)
+        assert rc in (-1, -3) and err()

@@ -1,8 +1,14 @@
 // Inline block primitives: absmax, exact nearest quantization and dequantization of fp32
 // values. Used by the quantize kernels and fused into the optimizer kernels.
 #pragma once
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "qmap.h"
 #include "simd.h"
@@ -33,7 +39,101 @@ inline float block_absmax(const float* x, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
+// ---- one-gather nearest rounding ----------------------------------------------------------
+// Floats ordered as unsigned integers: ukey(x) = bits ^ 0x80000000 for x >= +0 and ~bits for
+// x < 0, so x <= y <=> ukey(x) <= ukey(y) (-0 is first turned into +0 by adding +0).
+// For each 16-bit bin B of ukeys (the floats whose ukey >> 16 == B) `entry[B]` packs
+//   code_lo << 24 | code_hi << 16 | t,
+// where t is the low 16 bits of the one threshold inside the bin (if any): a float x of
+// the bin rounds to code_hi if (ukey(x) & 0xFFFF) >= t, else to code_lo; a bin without a
+// threshold has code_lo == code_hi. That is QuantMap's count of thresholds <= x, with the
+// guess, the threshold and the stored code in one 4-byte lookup instead of three. Usable
+// when no bin holds two thresholds and none is NaN (true for the dynamic maps); NaN inputs
+// get the code of the smallest value, as QuantMap::nearest gives them.
+struct PackedNearest {
+  bool usable = false;
+  uint8_t nan_code = 0;
+  alignas(64) uint32_t entry[65536];
+};
+
+inline uint32_t float_ukey(float x) {
+  x += 0.f;
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+inline void build_packed(const QuantMap& m, PackedNearest& p) {
+  p.nan_code = m.sorted_to_code[0];
+  uint32_t tk[255];
+  for (int k = 0; k < 255; ++k) {
+    if (std::isnan(m.thr[k])) return;  // unusable
+    tk[k] = float_ukey(m.thr[k]);
+    if (k > 0 && tk[k] < tk[k - 1]) return;
+  }
+  int k = 0;
+  for (uint32_t B = 0; B < 65536; ++B) {
+    const uint32_t lo = B << 16, hi = lo | 0xFFFFu;
+    while (k < 255 && tk[k] < lo) ++k;  // k = thresholds below the bin
+    int inside = 0;
+    while (k + inside < 255 && tk[k + inside] <= hi) ++inside;
+    if (inside > 1) return;  // unusable: two thresholds in one bin
+    const uint32_t code_lo = m.sorted_to_code[k];
+    const uint32_t code_hi = inside ? m.sorted_to_code[k + 1] : code_lo;
+    const uint32_t t = inside ? (tk[k] & 0xFFFFu) : 0u;
+    p.entry[B] = code_lo << 24 | code_hi << 16 | t;
+  }
+  p.usable = true;
+}
+
+// The packed table of a map, built once and cached for the map's lifetime (QuantMaps are
+// never freed). Looked up once per block by the optimizer kernels, so the common case is
+// a lock-free scan of a few slots; the mutex is taken only to build.
+inline const PackedNearest& packed_nearest(const QuantMap& m) {
+  constexpr int kSlots = 16;
+  static std::atomic<const QuantMap*> keys[kSlots];
+  static std::atomic<const PackedNearest*> values[kSlots];
+  for (int i = 0; i < kSlots; ++i) {
+    const QuantMap* k = keys[i].load(std::memory_order_acquire);
+    if (k == &m) return *values[i].load(std::memory_order_acquire);
+    if (!k) break;
+  }
+  static std::mutex mu;
+  static std::vector<std::pair<const QuantMap*, std::unique_ptr<PackedNearest>>> all;
+  std::lock_guard<std::mutex> lk(mu);
+  for (auto& kv : all)
+    if (kv.first == &m) return *kv.second;
+  auto p = std::make_unique<PackedNearest>();
+  build_packed(m, *p);
+  const PackedNearest* result = p.get();
+  all.emplace_back(&m, std::move(p));
+  for (int i = 0; i < kSlots; ++i) {
+    if (keys[i].load(std::memory_order_relaxed) == nullptr) {
+      values[i].store(result, std::memory_order_release);
+      keys[i].store(&m, std::memory_order_release);
+      break;
+    }
+  }
+  return *result;
+}
+
 #if defined(BNBF_SIMD8)
+// Stored codes of the map values nearest each lane of q, one gather (see PackedNearest).
+inline __m256i nearest8_packed(const PackedNearest& p, __m256 q) {
+  q = _mm256_add_ps(q, _mm256_setzero_ps());  // -0 -> +0
+  const __m256i b = _mm256_castps_si256(q);
+  const __m256i flip = _mm256_or_si256(_mm256_srai_epi32(b, 31), _mm256_set1_epi32((int)0x80000000u));
+  const __m256i ukey = _mm256_xor_si256(b, flip);
+  const __m256i e = _mm256_i32gather_epi32((const int*)p.entry, _mm256_srli_epi32(ukey, 16), 4);
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  const __m256i below = _mm256_cmpgt_epi32(_mm256_and_si256(e, low16), _mm256_and_si256(ukey, low16));
+  const __m256i code_lo = _mm256_srli_epi32(e, 24);
+  const __m256i code_hi = _mm256_and_si256(_mm256_srli_epi32(e, 16), _mm256_set1_epi32(0xFF));
+  __m256i c = _mm256_blendv_epi8(code_hi, code_lo, below);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(c, _mm256_set1_epi32(p.nan_code), nan);
+}
+
 // Sorted-map index nearest to each lane (see qmap.h), then the stored code.
 inline __m256i nearest8(const QuantMap& m, __m256 x) {
   const __m256i low_byte = _mm256_set1_epi32(0xFF);
@@ -73,7 +173,33 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
   const float d = block_divisor(absmax);
   int64_t i = 0;
 #if defined(BNBF_SIMD8)
-  if (m.one_step) {
+  const PackedNearest& packed = packed_nearest(m);
+  if (packed.usable) {
+    const __m256 dv = _mm256_set1_ps(d);
+    const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
+    const __m256i min_pos = _mm256_set1_epi32(m.min_positive_code);
+    auto codes8 = [&](int64_t j) {
+      __m256 v = _mm256_loadu_ps(x + j);
+      __m256i c = nearest8_packed(packed, _mm256_div_ps(v, dv));
+      if (keep_positive) {
+        __m256i fix = _mm256_and_si256(
+            _mm256_cmpeq_epi32(c, zero_code),
+            _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)));
+        c = _mm256_blendv_epi8(c, min_pos, fix);
+      }
+      return c;
+    };
+    // 32 codes per store: two saturating packs (values are 0..255, so nothing saturates)
+    // interleave the 128-bit lanes; one cross-lane permute restores the order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= n; i += 32) {
+      __m256i ab = _mm256_packus_epi32(codes8(i), codes8(i + 8));
+      __m256i cd = _mm256_packus_epi32(codes8(i + 16), codes8(i + 24));
+      __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+      _mm256_storeu_si256((__m256i*)(out + i), bytes);
+    }
+    for (; i + 8 <= n; i += 8) store_bytes8(out + i, codes8(i));
+  } else if (m.one_step) {
     const __m256 dv = _mm256_set1_ps(d);
     const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
     const __m256i min_pos = _mm256_set1_epi32(m.min_positive_code);

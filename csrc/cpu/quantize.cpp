@@ -50,7 +50,12 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
           absmax[b] = quantize_block_f32(map, (const float*)A + start, out + start, len);
           continue;
         }
-        // Two passes over the (cache-resident) block: absmax, then codes.
+        if (len <= kTile) {  // convert once; both passes then read the fp32 tile
+          to_f32<DT>(A, start, buf, len);
+          absmax[b] = quantize_block_f32(map, buf, out + start, len);
+          continue;
+        }
+        // Larger blocks: two passes over the (cache-resident) block, absmax then codes.
         float m = 0.f;
         for (int64_t t = 0; t < len; t += kTile) {
           int64_t tl = std::min(kTile, len - t);
