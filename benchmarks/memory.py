@@ -325,10 +325,14 @@ def print_report(results: list[dict], summary: dict, preset: str, goal: float, l
         verdict[name] = ok
         print(f"{name}: optimizer+embedding memory {100 * s['optimizer_plus_embedding_saving']:.1f}% less "
               f"than baseline (weights+grads+state {100 * s['weights_grads_state_saving']:.1f}% less, "
-              f"peak {100 * s['peak_saving']:.1f}% less), eval loss {100 * s['eval_loss_rel_diff']:+.2f}% "
+              f"peak {_less(s['peak_saving'])}), eval loss {100 * s['eval_loss_rel_diff']:+.2f}% "
               f"vs baseline -> goal (>= {100 * goal:.0f}% at |dloss| <= {100 * loss_tol:.0f}%): "
               f"{'MET' if ok else 'not met'}")
     return verdict
+
+
+def _less(saving: float) -> str:
+    return f"{100 * saving:.1f}% less" if saving >= 0 else f"{-100 * saving:.1f}% more"
 
 
 def plot(results: list[dict], path: Path, title: str) -> bool:
