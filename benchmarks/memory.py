@@ -12,6 +12,9 @@ peak memory is its own:
 4. ``fusion-nf4``     the same with an NF4 base
 5. ``bitsandbytes-8bit``  ``bitsandbytes.optim.AdamW8bit`` (embedding 32-bit), when installed
 
+``--configs baseline-fused,...`` adds the baseline with ``torch.optim.AdamW(fused=True)``
+(same memory, torch's fastest step) for a step-time comparison.
+
 Per configuration: weight, gradient and optimizer-state bytes (counted from the tensors), peak
 process memory (measured: ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on GPU),
 median step time, training loss over the last steps and held-out loss after the run.
@@ -70,7 +73,11 @@ CONFIGS = {
     "fusion-int8": "bnbfuse AdamW8bit + FusionEmbedding(int8 frozen base)",
     "fusion-nf4": "bnbfuse AdamW8bit + FusionEmbedding(NF4 frozen base)",
     "bitsandbytes-8bit": "bitsandbytes AdamW8bit, embeddings 32-bit state",
+    # Not run by default: the baseline's memory with torch's fused kernel (same state bytes,
+    # faster step), for a step-time comparison against the fastest torch implementation.
+    "baseline-fused": "fp32 torch.optim.AdamW(fused=True), embedding resized, all trained",
 }
+DEFAULT_CONFIGS = ["baseline", "bnbfuse-8bit", "fusion-int8", "fusion-nf4", "bitsandbytes-8bit"]
 
 _TOKEN_RE = re.compile(rb"\w+|[^\w\s]|\n[ \t]*")
 _WORD_RE = re.compile(rb"\w\w+")
@@ -159,6 +166,8 @@ def build_optimizer(model, emb, config: str, lr: float):
     kw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     if config == "baseline":
         return torch.optim.AdamW(params, **kw)
+    if config == "baseline-fused":
+        return torch.optim.AdamW(params, fused=True, **kw)
     if config == "bitsandbytes-8bit":
         import bitsandbytes as bnb
         mng = bnb.optim.GlobalOptimManager.get_instance()
@@ -279,7 +288,7 @@ def available_configs() -> dict[str, str]:
         out["bitsandbytes-8bit"] = ""
     except Exception as e:  # bitsandbytes can fail on import for reasons other than absence
         out["bitsandbytes-8bit"] = f"bitsandbytes not usable: {e}"
-    out["baseline"] = ""
+    out["baseline"] = out["baseline-fused"] = ""
     return out
 
 
@@ -301,12 +310,12 @@ def summarize(results: list[dict]) -> dict:
 
 
 def print_report(results: list[dict], summary: dict, preset: str, goal: float, loss_tol: float) -> dict:
-    headers = ["config", "params (M)", "weights MiB", "grads MiB", "opt state MiB", "opt+emb MiB",
+    headers = ["config", "trainable (M)", "weights MiB", "grads MiB", "opt state MiB", "opt+emb MiB",
                "vs base", "peak MiB", "step s", "train loss", "eval loss"]
     rows = []
     for r in results:
         s = summary.get(r["config"], {})
-        rows.append([r["config"], f"{r['params'] / 1e6:.1f}", _common.mib(r["weight_bytes"]),
+        rows.append([r["config"], f"{r['trainable_params'] / 1e6:.1f}", _common.mib(r["weight_bytes"]),
                      _common.mib(r["grad_bytes"]), _common.mib(r["optimizer_state_bytes"]),
                      _common.mib(r["optimizer_plus_embedding_bytes"]),
                      f"{-100 * s.get('optimizer_plus_embedding_saving', 0):+.0f}%",
@@ -331,6 +340,11 @@ def print_report(results: list[dict], summary: dict, preset: str, goal: float, l
     return verdict
 
 
+def _title(results: list[dict], p: dict, device: str) -> str:
+    return (f"Llama-style {results[0]['params'] / 1e6:.0f}M params, {p['vocab']} + {p['new_tokens']} "
+            f"tokens, {device}: training memory by configuration")
+
+
 def _less(saving: float) -> str:
     return f"{100 * saving:.1f}% less" if saving >= 0 else f"{-100 * saving:.1f}% more"
 
@@ -349,13 +363,15 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         vals = [r[key] / 2**20 for r in results]
         ax.bar(names, vals, bottom=bottom, label=label, color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.scatter(names, [r["peak_bytes"] / 2**20 for r in results], marker="_", s=900, color="black",
-               label=f"peak ({results[0]['peak_kind']})", zorder=3)
+    peaks = [r["peak_bytes"] / 2**20 for r in results]
+    ax.scatter(names, peaks, marker="_", s=900, color="black",
+               label=f"measured peak ({results[0]['peak_kind']})", zorder=3)
     for i, b in enumerate(bottom):
         ax.text(i, b, f"{b:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("MiB")
+    ax.set_ylim(0, 1.3 * max(peaks + bottom))
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     plt.xticks(rotation=15, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -367,7 +383,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--configs", default=",".join(CONFIGS),
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     ap.add_argument("--batch-size", type=int)
@@ -380,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--goal", type=float, default=0.60, help="target optimizer+embedding saving")
     ap.add_argument("--loss-tol", type=float, default=0.02, help="'equal loss': max relative eval-loss gap")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--from-json", metavar="JSON",
+                    help="re-print the table and redraw the plot of an earlier run's JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -387,6 +405,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return _worker_main(args)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        print_report(data["results"], data["summary"], data["preset"], data["goal"]["saving"],
+                     data["goal"]["loss_tol"])
+        png = Path(args.from_json).with_suffix(".png")
+        if plot(data["results"], png, _title(data["results"], data["params"], data["device"])):
+            print(f"\nwrote {png}")
+        return 0
 
     p = dict(PRESETS[args.preset])
     for key, val in (("steps", args.steps), ("batch_size", args.batch_size),
@@ -447,9 +473,7 @@ def main(argv=None) -> int:
                 summary=summary, goal=dict(saving=args.goal, loss_tol=args.loss_tol, met=verdict))
     jpath = _common.write_json(out / f"memory_{args.preset}.json", data)
     png = out / f"memory_{args.preset}.png"
-    title = (f"Llama-style {results[0]['params'] / 1e6:.0f}M params, +{p['new_tokens']} tokens, "
-             f"{args.device}: training memory by configuration")
-    wrote = plot(results, png, title)
+    wrote = plot(results, png, _title(results, p, args.device))
     print(f"\nwrote {jpath}" + (f" and {png}" if wrote else ""))
     return 0
 
