@@ -117,7 +117,7 @@ def test_markdown_marker_is_found():
     assert {"quickstart.md", "registry.md"} <= names, names
 
 
-def _run_script(args, tmp_path, timeout=240):
+def _run_script(args, tmp_path, timeout=900):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
