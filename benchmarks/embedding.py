@@ -181,13 +181,16 @@ def quant_error(a) -> list[dict]:
                      "bytes_per_param": nbytes / w.numel(), "chosen": chosen})
 
     for scheme in ("int8", "nf4"):
-        for bs in (64, 128, a.dim):
+        for bs in dict.fromkeys([qt.DEFAULT_BLOCKSIZE, 128, a.dim]):
+            if bs > a.dim and bs != qt.DEFAULT_BLOCKSIZE:
+                continue
             codes, absmax = qt.quantize_table(w, scheme, bs)
             label = f"{scheme} linear" if scheme == "int8" else "nf4"
-            label += " row-wise absmax" if bs == a.dim else f" blocks of {bs}"
+            label += (" row-wise absmax" if bs == a.dim and bs != qt.DEFAULT_BLOCKSIZE
+                      else f" blocks of {bs}")
             add(label, qt.dequantize_table(codes, absmax, scheme, bs, a.dim),
                 qt.table_bytes(4096, a.dim, scheme, bs), chosen=bs == qt.DEFAULT_BLOCKSIZE)
-    for bs in (64, a.dim):
+    for bs in dict.fromkeys([qt.DEFAULT_BLOCKSIZE, a.dim]):
         codes, state = quantize_blockwise(w, blocksize=bs)
         add(f"int8 dynamic map {'row-wise' if bs == a.dim else f'blocks of {bs}'}",
             dequantize_blockwise(codes, state), w.numel() + 4 * state.absmax.numel())

@@ -254,3 +254,9 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
     if out is not None:
         return out.copy_(result.view(out.shape))
     return result
+
+
+# ---- embedding tables (bnbfuse/quant_tables.py): row-blockwise int8 / NF4 ----------------------
+from .quant_tables import dequantize_table, quantize_table  # noqa: E402,F401
+
+__all__ += ["quantize_table", "dequantize_table"]

@@ -65,6 +65,21 @@ def _sharded_embedding_body(rank, world):
     e2 = bnb.nn.ShardedEmbedding(num, dim, init_fn=init_arange)
     out["init_fn_ok"] = torch.equal(e2.weight, src.weight.detach()[:, cols])
 
+    # training with an 8-bit optimizer: the table keeps 32-bit (elementwise) state, so the
+    # sharded run is the full run's slice, bit for bit
+    import bnbfuse.optim as bo
+    sh_opt = bo.AdamW8bit(sh.parameters(), lr=1e-2)
+    full_opt = bo.AdamW8bit(src.parameters(), lr=1e-2)
+    for step in range(3):
+        ids_s = (ids * (step + 1)) % num
+        (sh(ids_s) * w).sum().backward()
+        (src(ids_s) * w).sum().backward()
+        for o in (sh_opt, full_opt):
+            o.step()
+            o.zero_grad()
+    out["train_ok"] = torch.equal(sh.weight, src.weight.detach()[:, cols])
+    out["train_32bit"] = sh_opt.state[sh.weight]["state1"].dtype == torch.float32
+
     # embed_dim not divisible by the group size
     try:
         bnb.nn.ShardedEmbedding(num, 7)
@@ -89,6 +104,7 @@ def test_sharded_embedding():
         assert r["pad_grad_zero"], rank
         assert r["from_slice_ok"] and r["roundtrip_ok"] and r["from_fwd_ok"], rank
         assert r["init_fn_ok"], rank
+        assert r["train_ok"] and r["train_32bit"], rank
         assert "divisible" in r["bad_dim"], r["bad_dim"]
         assert r["solo_shape"] == (37, 8) and r["solo_fwd_ok"]
     # identical initial table on every rank although their RNGs differed; pad row zeroed

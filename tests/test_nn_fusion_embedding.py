@@ -136,12 +136,19 @@ def test_native_cpu_bit_exact_with_reference(quant, dtype):
     torch.manual_seed(2)
     lib = _native.cpu.lib
     lib.bnbf_cpu_force_isa.argtypes = [ctypes.c_char_p]
-    for D, blocksize in [(64, 64), (70, 64), (129, 8), (3, 2), (300, 256), (33, 5)]:
+    cases = [(64, 64, False), (70, 64, False), (129, 8, False), (3, 2, False),
+             (300, 256, False), (33, 5, False), (70, 64, True), (9, 4, True)]
+    for D, blocksize, other_map in cases:
         V, F = 40, 5
         w = torch.randn(V, D)
         if quant:
             base, absmax = qt.quantize_table(w, quant, blocksize)
             qmap = qt.quant_map(quant)
+            if other_map:  # any map works (int8 has a computed fast path for its own map)
+                qmap = (torch.rand(qmap.numel()) * 2 - 1).sort().values
+                base = torch.randint(0, qmap.numel(), (V, D)).to(torch.uint8)
+                if quant == "nf4":
+                    base = (base[:, : (D + 1) // 2] << 4) | base[:, -((D + 1) // 2):]
         else:
             base, absmax, qmap = w.to(dtype), torch.empty(0), torch.empty(0)
         fusion = torch.randn(F, D).to(dtype)
@@ -336,6 +343,7 @@ def test_from_embedding_and_merge(quant):
     old = torch.nn.Embedding(30, 16)
     emb = FusionEmbedding.from_embedding(old, 4, base_quant=quant)
     assert (emb.vocab_size, emb.fusion_vocab_size, emb.embed_dim) == (30, 4, 16)
+    assert (emb.num_embeddings, emb.embedding_dim, emb.dim) == (34, 16, 16)
     if quant is None:
         assert emb.embedding.weight is old.weight
     new_rows = emb.fusion_embedding.weight.detach()
@@ -420,7 +428,38 @@ def test_cuda_matches_cpu_reference(quant, dtype):
 
 @pytest.mark.cuda
 def test_cuda_bad_id_asserts():
-    emb = FusionEmbedding(10, 2, 8, base_quant="int8").cuda()
-    with pytest.raises(RuntimeError):
-        emb(torch.tensor([12], device="cuda"))
-        torch.cuda.synchronize()
+    # A device-side assertion poisons the CUDA context, so it runs in its own process.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch, bnbfuse\n"
+            "from bnbfuse.nn import FusionEmbedding\n"
+            "emb = FusionEmbedding(10, 2, 8, base_quant='int8').cuda()\n"
+            "out = emb(torch.tensor([3, 12], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode != 0
+    assert "out of range" in proc.stderr or "assert" in proc.stderr.lower()
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_zero_row_for_bad_id_without_python_checks():
+    """The CUDA C entry point never reads out of bounds: a bad id gets a zero row."""
+    base, absmax = qt.quantize_table(torch.randn(10, 8), "int8", 8)
+    dev = "cuda"
+    ids = torch.tensor([1, 12, -5, 11], device=dev)
+    out = torch.full((4, 8), 7.0, device=dev)
+    fusion = torch.randn(2, 8, device=dev)
+    base, absmax, qmap = base.to(dev), absmax.to(dev), qt.quant_map("int8", dev)
+    fn = _native.cuda.lib.bnbf_cuda_fusion_embedding_lookup
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [P, I64, P, I32, P, P, I64, P, I64, I64, I64, P, I32, P]
+    stream = torch.cuda.current_stream().cuda_stream
+    assert fn(ids.data_ptr(), 4, base.data_ptr(), 8, absmax.data_ptr(), qmap.data_ptr(), 10,
+              fusion.data_ptr(), 2, 8, 8, out.data_ptr(), 0, stream) == 0
+    torch.cuda.synchronize()
+    assert torch.equal(out[1], torch.zeros(8, device=dev))
+    assert torch.equal(out[2], torch.zeros(8, device=dev))
+    assert torch.equal(out[3], fusion[1])

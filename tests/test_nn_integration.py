@@ -62,12 +62,12 @@ def test_matches_torchtune_fusion_embedding():
 
 
 # ---- Hugging Face transformers --------------------------------------------------------------------
-def hf_llama(vocab=128):
+def hf_llama(vocab=128, tie=False):
     transformers = pytest.importorskip("transformers", reason="transformers not installed")
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=tie)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -99,6 +99,20 @@ def test_hf_llama_add_fusion_tokens(quant):
     add_fusion_tokens(fresh, 4, base_quant=quant)
     res = fresh.load_state_dict(hf_llama().state_dict(), strict=False)
     assert res.missing_keys == ["model.embed_tokens.fusion_embedding.weight"]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_hf_llama_tied_head(quant, tmp_path):
+    torch.manual_seed(3)
+    model = hf_llama(tie=True)
+    head = model.lm_head.weight
+    emb = add_fusion_tokens(model, 2, base_quant=quant)
+    assert model.lm_head.weight is head  # the head keeps its (float) table
+    if quant is None:
+        assert emb.embedding.weight is head  # a plain base stays tied to it
+    logits = model(input_ids=torch.tensor([[1, 128, 129, 5]])).logits
+    assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)  # HF's own checkpoint path works with the new module
 
 
 # ---- torch.compile ------------------------------------------------------------------------------------

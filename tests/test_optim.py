@@ -86,13 +86,21 @@ def _reload(opt_cls, kwargs, params, opt):
     return fresh
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (67, 131)),  # a partial last block
+                                          (torch.bfloat16, (32, 1024))], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_8bit_matches_torch(name, dtype):
+def test_8bit_matches_torch(name, dtype, shape):
     """bitsandbytes' protocol: 50 steps, resync after each, state_dict round trip every 10."""
+    _protocol(name, dtype, shape)
+
+
+def test_8bit_adamw_protocol_large():
+    _protocol("adamw", torch.float32, (128, 4096))
+
+
+def _protocol(name, dtype, shape):
     opt_cls, kwargs, ref_factory, pairs = CASES[name]
     torch.manual_seed(0)
-    shape = (32, 1024) if dtype == torch.bfloat16 else (67, 131)  # 67*131: a partial block
     p1 = torch.nn.Parameter(torch.randn(shape) * 0.1)
     p2 = torch.nn.Parameter(p1.detach().to(dtype).clone())
     p1.data.copy_(p2.data.float())
@@ -145,6 +153,23 @@ def test_32bit_matches_torch(name):
         assert opt.state[p2][f"state{idx}"].dtype == torch.float32
         torch.testing.assert_close(opt.state[p2][f"state{idx}"], ref.state[p1][key],
                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_x_with_optim_bits_8_is_x8bit(name):
+    cls8, kwargs, _, _ = CASES[name]
+    base = cls8.__mro__[1]  # X8bit derives from X
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 96))
+    b = torch.nn.Parameter(a.detach().clone())
+    o1, o2 = cls8([a], **kwargs), base([b], **kwargs, optim_bits=8)
+    for _ in range(3):
+        g = torch.randn(64, 96)
+        a.grad, b.grad = g, g.clone()
+        o1.step()
+        o2.step()
+    assert torch.equal(a, b)
+    assert o2.state[b]["state1"].dtype == torch.uint8
 
 
 def test_optim_bits_argument_selects_state():

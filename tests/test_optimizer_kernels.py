@@ -627,3 +627,40 @@ def test_cuda_equals_reference(opt, dtype, eight_bit):
             out = nc(opt, pc, g.cuda(), *sc, *hparams(4))
             expect = nr(opt, pr, g, *sr, *hparams(4))
         torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-6)
+
+
+@native
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_requantization_is_exact_at_every_threshold(signed):
+    """Values at, just below and just above every rounding threshold of the map go through
+    the native kernel's requantization (SGD's buffer at step 1 is g; Adagrad's sum is g*g)
+    with absmax 1, and must get the reference's nearest code."""
+    q = maps()[0 if signed else 1]
+    thr, _ = R.nearest_thresholds(q)
+    inf = torch.tensor(float("inf"))
+    vals = [thr, torch.nextafter(thr, inf), torch.nextafter(thr, -inf)]
+    for _ in range(3):
+        vals.append(torch.nextafter(vals[-2], inf))
+        vals.append(torch.nextafter(vals[-2], -inf))
+    x = torch.cat(vals + [q])  # also the map values themselves
+    x = x[(x.abs() <= 1) & (x >= (-1 if signed else 0))]
+    if signed:
+        g = x
+        opt, hp = "momentum", (1e-3, 0.9, 0.0, 0.0, 0.0, 1e-8, 0.0, 0.0, False, 1, 1.0)
+    else:
+        g = torch.sqrt(x.double()).float()
+        opt, hp = "adagrad", (1e-3, 0.0, 0.0, 0.0, 0.0, 1e-8, 0.0, 0.0, False, 1, 1.0)
+    # blocks of 255 values plus a 1.0 that fixes the block's absmax at 1
+    blocks = -(g.numel() // -255)
+    pad = blocks * 255 - g.numel()
+    g = torch.cat([g, g.new_zeros(pad)]).view(blocks, 255)
+    g = torch.cat([torch.ones(blocks, 1), g], dim=1).reshape(-1)
+    n = g.numel()
+    outs = []
+    for fn in (ops.optimizer_update_8bit_blockwise, R.optimizer_update_8bit_blockwise):
+        c = torch.zeros(n, dtype=torch.uint8)
+        a = torch.zeros(n // 256)
+        fn(opt, torch.zeros(n), g, c, None, a, None, q, None, *hp, 1.0)
+        outs.append((c, a))
+    assert torch.equal(outs[0][1], torch.ones(n // 256))
+    assert torch.equal(outs[0][0], outs[1][0])

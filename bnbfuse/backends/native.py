@@ -7,34 +7,11 @@ just instantiate it.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Callable
 
 import torch
 
-from .._native import I32, I64, P, NativeLibrary, OptimizerArgs, dtype_code, ptr
-
-
-class _Contiguous:
-    """Context manager: contiguous versions of tensors that a kernel writes in place.
-
-    Yields each tensor itself when it is already contiguous (None stays None); otherwise a
-    contiguous copy, which is copied back into the original on exit.
-    """
-
-    def __init__(self, *tensors):
-        self.tensors = tensors
-        self.work = [None if t is None else t.contiguous() for t in tensors]
-
-    def __enter__(self):
-        return self.work
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            for t, w in zip(self.tensors, self.work):
-                if t is not None and w is not t and w.data_ptr() != t.data_ptr():
-                    t.copy_(w)
-        return False
+from .._native import I32, I64, P, NativeLibrary, dtype_code, ptr
 
 
 def check_code(code: torch.Tensor, device) -> torch.Tensor:
@@ -111,7 +88,28 @@ class NativeBackend:
         and again by the C API. Non-contiguous tensors are updated through a contiguous copy
         that is written back, so any layout works (at the cost of the copy).
         """
+        import ctypes
+
+        from .._native import OptimizerArgs
         from . import reference as ref
+
+        class _Contiguous:
+            """Contiguous versions of tensors a kernel writes in place (None stays None);
+            a copy made for a non-contiguous tensor is copied back into it on exit."""
+
+            def __init__(self, *tensors):
+                self.tensors = tensors
+                self.work = [None if t is None else t.contiguous() for t in tensors]
+
+            def __enter__(self):
+                return self.work
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc_type is None:
+                    for t, w in zip(self.tensors, self.work):
+                        if t is not None and w is not t and w.data_ptr() != t.data_ptr():
+                            t.copy_(w)
+                return False
 
         args_p = ctypes.POINTER(OptimizerArgs)
         upd8 = self.function("optimizer_update_8bit_blockwise", I32, P, P, I32, P, P, P, P, P, P,

@@ -5,8 +5,6 @@ every device that has no native kernel. They favour clarity over speed.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 # ---- blockwise quantization ----------------------------------------------------------------
@@ -71,6 +69,9 @@ torch.library.impl("bnbfuse::dequantize_blockwise", "CompositeExplicitAutograd")
 
 
 # ---- optimizer updates ---------------------------------------------------------------------
+import math  # noqa: E402  (kept inside this section of the shared file)
+import struct  # noqa: E402
+
 # The specification of the optimizer update ops (schemas in bnbfuse/_ops.py). Every formula
 # below is a sequence of float32 elementwise tensor operations (mul, add, sub, tensor/tensor
 # div, sqrt32, sign) whose rounding is unambiguous, applied with host scalars that were rounded
@@ -106,8 +107,14 @@ def sqrt32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(x: float) -> float:
-    """x rounded to the nearest float32 (as a Python float)."""
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32).item())
+    """x rounded to the nearest float32 (as a Python float); out-of-range values give inf."""
+    try:
+        return _F32.unpack(_F32.pack(float(x)))[0]  # C's (float) cast: round to nearest
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+_F32 = struct.Struct("<f")
 
 
 def optimizer_scalars(optimizer: str, lr: float, beta1: float, beta2: float, beta3: float,
@@ -371,8 +378,39 @@ def optimizer_update_8bit_blockwise(optimizer, p, g, state1, state2, absmax1, ab
                                     qmap2, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
                                     dampening, nesterov, step, gnorm_scale, update_scale,
                                     *, keep_positive: bool = True):
-    """8-bit blockwise update. ``keep_positive=False`` (reference only, for tests) turns the
-    second-moment policy off to show the blow-up it prevents."""
+    """8-bit blockwise update of ``p`` and its quantized state, in place.
+
+    Shapes: ``p``/``g`` any shape, n elements (fp32/fp16/bf16, same dtype); ``state1`` uint8
+    codes with n elements (AdEMAMix: 2n, shape ``(2, *p.shape)``, m1 then m2); ``absmax1``
+    float32 with ceil(n/256) values (AdEMAMix: ``(2, blocks)``); ``state2``/``absmax2`` the
+    same for 2-state optimizers (else None); ``qmap1`` the signed dynamic map, ``qmap2`` the
+    unsigned one (256 float32 values each).
+
+    Per block of 256 elements of the flattened tensor: dequantize (code value * absmax),
+    apply ``optimizer_rule`` in float32, take the block's new absmax, requantize with exact
+    nearest rounding (ties to the larger value).
+
+    Second-moment policy ("No blow-ups", DESIGN.md): state2 of adam/adamw/lamb/ademamix and
+    state1 of rmsprop/adagrad are requantized with keep_positive: a positive value whose
+    nearest code is the map's zero is stored as the smallest positive code instead. The
+    stored v is then at most one code step too large, so the element's next steps are at
+    most slightly smaller than fp32 Adam's, whereas a v rounded to 0 under a non-zero m
+    makes the next zero-gradient step m/eps (a jump of up to lr*1e4 with eps=1e-8).
+    ``keep_positive=False`` (reference only, for tests) turns the policy off to show that
+    blow-up.
+
+    Example::
+
+        >>> import torch, bnbfuse
+        >>> from bnbfuse.functional import dynamic_map
+        >>> p, g = torch.randn(1000), torch.randn(1000)
+        >>> s1 = torch.zeros(1000, dtype=torch.uint8); s2 = torch.zeros_like(s1)
+        >>> a1, a2 = torch.zeros(4), torch.zeros(4)
+        >>> torch.ops.bnbfuse.optimizer_update_8bit_blockwise(
+        ...     "adamw", p, g, s1, s2, a1, a2, dynamic_map(True, p.device),
+        ...     dynamic_map(False, p.device), 1e-3, 0.9, 0.999, 0.0, 0.0, 1e-8, 1e-2, 0.0,
+        ...     False, 1, 1.0, 1.0)
+    """
     _check_optimizer_args(optimizer, p, g, state1, state2, True)
     n = p.numel()
     _check_absmax(optimizer, n, absmax1, absmax2, qmap1, qmap2)

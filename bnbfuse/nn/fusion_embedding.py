@@ -104,6 +104,16 @@ class FusionEmbedding(torch.nn.Module):
         return self.dim
 
     @property
+    def embedding_dim(self) -> int:
+        """``nn.Embedding``'s name for ``embed_dim``."""
+        return self.dim
+
+    @property
+    def num_embeddings(self) -> int:
+        """Ids this module accepts: ``vocab_size + fusion_vocab_size`` (as in torchtune)."""
+        return self.vocab_size + self.fusion_vocab_size
+
+    @property
     def quantized(self) -> bool:
         return self.base_quant is not None
 

@@ -16,8 +16,8 @@ class FusionLayer(torch.nn.Module):
     under their original names (no ``layer.`` prefix) and the new layer's under
     ``fusion_layer.``, so the pretrained checkpoint loads with ``strict=False``. Unlike
     torchtune, the renaming is prefix-exact: only keys that start with this module's own
-    prefix are touched, so child names containing ``"layer."`` survive and keys of sibling
-    FusionLayers are never moved.
+    prefix are touched, and only that prefix is rewritten, so child names containing
+    ``"layer."`` survive and keys of sibling modules are never moved.
 
     Cache methods (``setup_caches``/``setup_cache``, ``reset_cache``, ``caches_are_setup``,
     ``caches_are_enabled``, ``cache_enabled``) reach whichever of the two layers has them.
