@@ -9,6 +9,7 @@
 // and p and the requantized state are written back. Memory is therefore touched once per
 // step: read p, g, codes, absmax; write p, codes, absmax.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -316,8 +317,20 @@ bool run(int opt, int dtype, Ctx& c, int num_threads, double* out) {
   bool known = dispatch_optimizer(opt, [&](auto o) {
     dispatch_dtype(dtype, [&](auto dt) {
       constexpr int OPT = decltype(o)::value, DT = decltype(dt)::value;
-      parallel_for(c.nblocks, kGrainBlocks, num_threads, [&](int64_t b0, int64_t b1) {
-        run_blocks<OPT, DT, Q8, NORMS>(c, b0, b1);
+      // Chunks are claimed from a counter rather than split evenly up front: on a busy
+      // machine a descheduled thread then delays nothing, the running ones take its share.
+      // Blocks are independent (norms go to per-block partials), so the result does not
+      // depend on who ran what.
+      const int64_t nchunks = (c.nblocks + kGrainBlocks - 1) / kGrainBlocks;
+      const int nt = (int)std::min<int64_t>(std::max(num_threads, 1), nchunks);
+      std::atomic<int64_t> next{0};
+      parallel_for(nt, 1, nt, [&](int64_t, int64_t) {
+        for (;;) {
+          const int64_t k = next.fetch_add(1, std::memory_order_relaxed);
+          if (k >= nchunks) break;
+          run_blocks<OPT, DT, Q8, NORMS>(c, k * kGrainBlocks,
+                                         std::min(c.nblocks, (k + 1) * kGrainBlocks));
+        }
       });
     });
   });
