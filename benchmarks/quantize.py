@@ -15,6 +15,9 @@ Implementations are interleaved round by round and the ratio is taken within eac
 then the median over rounds is reported, so a noisy neighbour on a shared machine slows
 both sides of a ratio alike. Every call allocates its output, as clone does.
 
+The JSON also records each call's process CPU time (all threads), a figure that a busy
+shared machine distorts less than wall time.
+
 Example:
     python benchmarks/quantize.py --threads 2 --sizes 4M 16M 64M --out results/
 """
@@ -80,6 +83,12 @@ def machine_info() -> dict:
                 info[key.strip()] = value.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    try:
+        from importlib.metadata import version
+
+        info["bitsandbytes"] = version("bitsandbytes")
+    except Exception:  # noqa: BLE001  (not installed)
+        info["bitsandbytes"] = None
     backend = bnbfuse.backend_info()
     info["bnbfuse_cpu_backend"] = backend["cpu"]
     info["cpu_isa"] = backend["cpu_isa"]
@@ -111,10 +120,15 @@ def implementations(use_bnb: bool) -> dict:
     return impls
 
 
+CPU_TIMES: list = []  # process CPU seconds (all threads) of each timed call, in call order
+
+
 def timed(fn) -> float:
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    t1 = time.perf_counter()
+    CPU_TIMES.append(time.process_time() - c0)
+    return t1 - t0
 
 
 def run(args) -> dict:
@@ -144,16 +158,23 @@ def run(args) -> dict:
             impls[name][1](states[name])
         x.clone()
         times = {("clone", "copy"): []}
+        cpu = {("clone", "copy"): []}
         for name in names:
-            times[(name, "quantize")] = []
-            times[(name, "dequantize")] = []
+            for op in ("quantize", "dequantize"):
+                times[(name, op)] = []
+                cpu[(name, op)] = []
+
+        def record(key, fn):
+            times[key].append(timed(fn))
+            cpu[key].append(CPU_TIMES[-1])
+
         for _ in range(args.repeats):
-            times[("clone", "copy")].append(timed(lambda: x.clone()))
+            record(("clone", "copy"), lambda: x.clone())
             bar.update()
             for name in names:
                 q, dq = impls[name]
-                times[(name, "quantize")].append(timed(lambda: q(x, code, bs)))
-                times[(name, "dequantize")].append(timed(lambda: dq(states[name])))
+                record((name, "quantize"), lambda: q(x, code, bs))
+                record((name, "dequantize"), lambda: dq(states[name]))
                 bar.update(2)
         nblocks = -(-n // bs)
         item = x.element_size()
@@ -166,8 +187,11 @@ def run(args) -> dict:
             ratios = [moved[op] * tc / (moved["copy"] * t) for t, tc in zip(ts, clone_ts)]
             rows.append({"dtype": dtype_name, "n": n, "blocksize": bs, "impl": name, "op": op,
                          "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "bytes": moved[op],
-                         "GB_s": moved[op] / med / 1e9, "x_clone": statistics.median(ratios)})
-        del x, states
+                         "GB_s": moved[op] / med / 1e9, "x_clone": statistics.median(ratios),
+                         # CPU time of the process (all threads): the work done, which a
+                         # busy shared machine distorts less than wall time
+                         "cpu_ms": statistics.median(cpu[(name, op)]) * 1e3})
+        x = states = None  # free before the next case allocates
     bar.close()
     return {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
             "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
@@ -225,7 +249,7 @@ def plot(result: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("GB/s (bytes moved / median time)")
     axes[1][0].set_ylabel("x clone bandwidth (median of rounds)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     m = result["machine"]
     fig.suptitle(f"Blockwise quantization on CPU: {m.get('Model name', '?')}, "
                  f"{m['threads']} threads, torch {m['torch']}")

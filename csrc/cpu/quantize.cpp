@@ -1,5 +1,6 @@
 // Blockwise quantize / dequantize of fp32, fp16 and bf16 tensors (one pass each).
 #include <algorithm>
+#include <limits>
 
 #include "blockquant.h"
 #include "kernels.h"
@@ -27,6 +28,32 @@ static void to_f32(const void* A, int64_t off, float* buf, int64_t len) {
   for (; i < len; ++i) buf[i] = load1<DT>(A, off + i);
 }
 
+// to_f32 and block_absmax in one pass (same result as the two calls).
+template <int DT>
+static float to_f32_absmax(const void* A, int64_t off, float* buf, int64_t len) {
+  int64_t i = 0;
+  float m = 0.f;
+  bool nan = false;
+#if defined(BNBF_SIMD8)
+  __m256 acc = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (; i + 8 <= len; i += 8) {
+    __m256 v = load8<DT>(A, off + i);
+    _mm256_storeu_ps(buf + i, v);
+    acc = _mm256_max_ps(acc, abs8(v));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  m = hmax8(acc);
+  nan = _mm256_movemask_ps(bad) != 0;
+#endif
+  for (; i < len; ++i) {
+    buf[i] = load1<DT>(A, off + i);
+    float a = std::fabs(buf[i]);
+    nan |= std::isnan(a);
+    m = a > m ? a : m;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
 template <int DT>
 static void from_f32(const float* buf, void* out, int64_t off, int64_t len) {
   int64_t i = 0;
@@ -50,9 +77,10 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
           absmax[b] = quantize_block_f32(map, (const float*)A + start, out + start, len);
           continue;
         }
-        if (len <= kTile) {  // convert once; both passes then read the fp32 tile
-          to_f32<DT>(A, start, buf, len);
-          absmax[b] = quantize_block_f32(map, buf, out + start, len);
+        if (len <= kTile) {  // convert once (with the absmax); then codes from the tile
+          const float m = to_f32_absmax<DT>(A, start, buf, len);
+          absmax[b] = m;
+          quantize_scaled(map, buf, m, out + start, len);
           continue;
         }
         // Larger blocks: two passes over the (cache-resident) block, absmax then codes.
