@@ -26,7 +26,7 @@ equal loss.
 
 Usage::
 
-    python benchmarks/memory.py                     # default preset (~110M params, 32k vocab)
+    python benchmarks/memory.py                     # default preset (~107M params, 32k vocab)
     python benchmarks/memory.py --preset tiny       # seconds; what CI runs
     python benchmarks/memory.py --preset 1b --device cuda
 
@@ -57,7 +57,7 @@ PRESETS = {
     # CI-sized: runs in seconds per configuration.
     "tiny": dict(vocab=1000, new_tokens=32, hidden=64, intermediate=176, layers=2, heads=4,
                  kv_heads=2, seq_len=32, batch_size=2, steps=4, eval_batches=1, lr=1e-3),
-    # ~110M parameters, 32k vocabulary (a small Llama); a few minutes on a 2-core CPU.
+    # ~107M parameters, 32k vocabulary (a small Llama); a few minutes on a 2-core CPU.
     "default": dict(vocab=32000, new_tokens=512, hidden=768, intermediate=2048, layers=8,
                     heads=12, kv_heads=12, seq_len=64, batch_size=4, steps=8, eval_batches=2,
                     lr=3e-4),
