@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -166,7 +167,9 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
         return False
     plt = _common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, gap) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.3]})
+    ref = dict(runs[0]["eval_curve"])
     for r, color in zip(runs, ("#4c72b0", "#dd8452", "#55a868")):
         tl = r["train_loss"]
         k = max(1, len(tl) // 50)  # smooth the noisy per-batch curve for reading
@@ -174,7 +177,11 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
         ax.plot(range(1, len(tl) + 1), smooth, color=color, alpha=0.6, label=f"{r['optimizer']} train")
         xs, ys = zip(*r["eval_curve"])
         ax.plot(xs, ys, "o-", color=color, label=f"{r['optimizer']} held-out")
-    ax.set_xlabel("step")
+        # The curves overlap at this scale: the gap panel shows what the check measures.
+        gap.plot(xs, [100 * (y / ref[x] - 1) for x, y in zip(xs, ys)], "o-", color=color)
+    gap.axhspan(-1, 1, color="0.9", zorder=0)
+    gap.set_ylabel("held-out vs\n32-bit (%)")
+    gap.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -198,7 +205,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--from-json", metavar="JSON", help="redraw the plot of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        png = Path(args.from_json).with_suffix(".png")
+        runs = data["runs"]
+        plot(runs, png, f"byte-level LM ({runs[0]['params'] / 1e6:.2f}M params) on stdlib source: "
+                        f"32-bit vs 8-bit AdamW")
+        print(f"wrote {png}")
+        return 0
     cfg = dict(CI if args.ci else FULL)
     if args.steps is not None:
         if args.steps < 1:
