@@ -1,0 +1,188 @@
+"""The documentation runs: docstring examples of every bnbfuse module (doctest), the Python
+blocks of README.md and docs/*.md marked runnable, and the benchmark scripts in their tiny
+CI modes (their JSON output is checked).
+
+A Markdown block is runnable when the line right before its ```` ```python ```` fence is
+``<!-- runnable -->`` (invisible on GitHub and in the built site). The runnable blocks of one
+file share a namespace, in order, as a reader running them one after another would.
+"""
+from __future__ import annotations
+
+import doctest
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnbfuse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# Modules that only import where their native library loaded (they register its kernels).
+_NEEDS = {"bnbfuse.backends.cuda": lambda: bnbfuse._native.cuda.loaded,
+          "bnbfuse.backends.cpu": lambda: bnbfuse._native.cpu.loaded}
+
+
+def _package_modules() -> list[str]:
+    # Found by walking the package, so a module added later is covered without editing this.
+    names = ["bnbfuse"]
+    for info in pkgutil.walk_packages(bnbfuse.__path__, prefix="bnbfuse."):
+        if info.name.split(".")[-1] == "__main__":
+            continue  # running it prints the backend report; it has no examples
+        if info.name in _NEEDS and not _NEEDS[info.name]():
+            continue
+        names.append(info.name)
+    return sorted(names)
+
+
+def _examples(module_name: str) -> list[doctest.DocTest]:
+    """Doctests of the module docstring and of every class/function the module defines
+    (and their methods). Re-exported objects are tested where they are defined. Members are
+    visited one by one rather than with DocTestFinder's recursion so that a lazy object whose
+    ``__getattr__`` raises something other than AttributeError cannot abort the search."""
+    module = importlib.import_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    flat = doctest.DocTestFinder(recurse=False, exclude_empty=True)
+    globs = vars(module).copy()
+    tests = flat.find(module, module_name, globs=globs)
+    for name, obj in sorted(vars(module).items()):
+        try:
+            defined_here = (inspect.isclass(obj) or inspect.isfunction(obj)) and \
+                obj.__module__ == module_name
+        except Exception:
+            continue
+        if defined_here:
+            tests += finder.find(obj, f"{module_name}.{name}", module=module, globs=globs)
+    return [t for t in tests if t.examples]
+
+
+MODULES = [m for m in _package_modules() if _examples(m)]
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_docstring_examples(module_name):
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    torch.manual_seed(0)
+    for t in _examples(module_name):
+        runner.run(t)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module_name} (output above)"
+
+
+def test_package_has_docstring_examples():
+    # Guards the parametrized test above against silently collecting nothing.
+    counts = {m: sum(len(t.examples) for t in _examples(m)) for m in _package_modules()}
+    for needed in ("bnbfuse.functional", "bnbfuse.optim.manager"):
+        assert counts.get(needed, 0) > 0, f"{needed} lost its docstring examples"
+    assert sum(counts.values()) >= 10
+
+
+_FENCE = re.compile(r"<!--\s*runnable\s*-->\s*\n```python[^\n]*\n(.*?)\n```", re.S)
+
+
+def _markdown_files() -> list[Path]:
+    files = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
+    return [f for f in files if f.exists()]
+
+
+def _runnable_blocks(path: Path) -> list[str]:
+    return _FENCE.findall(path.read_text(encoding="utf-8"))
+
+
+MD_WITH_CODE = [f for f in _markdown_files() if _runnable_blocks(f)]
+
+
+@pytest.mark.parametrize("path", MD_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_markdown_runnable_blocks(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks that save files leave nothing in the checkout
+    namespace = {"__name__": "__docs__"}
+    torch.manual_seed(0)
+    for i, block in enumerate(_runnable_blocks(path)):
+        code = compile(block, f"{path.name}[block {i}]", "exec")
+        exec(code, namespace)
+
+
+def test_markdown_marker_is_found():
+    # The docs promise runnable examples; a broken marker regex would skip them all.
+    names = {p.name for p in MD_WITH_CODE}
+    assert {"quickstart.md", "registry.md"} <= names, names
+
+
+def _run_script(args, tmp_path, timeout=900):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--no-progress"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_memory_benchmark_tiny(tmp_path):
+    pytest.importorskip("transformers", reason="the memory benchmark needs the bench extra")
+    configs = ["baseline", "bnbfuse-8bit", "fusion-int8", "fusion-nf4"]
+    out = _run_script(["benchmarks/memory.py", "--preset", "tiny", "--configs", ",".join(configs)],
+                      tmp_path)
+    data = json.loads((tmp_path / "memory_tiny.json").read_text())
+    assert data["skipped"] == {}, data["skipped"]
+    res = {r["config"]: r for r in data["results"]}
+    assert list(res) == configs
+    base = res["baseline"]
+    p = data["params"]
+    V, N, d = p["vocab"], p["new_tokens"], p["hidden"]
+    # Counted from tensors: the baseline's fp32 AdamW holds exactly two fp32 moments per param.
+    assert base["optimizer_state_bytes"] >= 8 * base["params"]
+    assert base["grad_bytes"] == 4 * base["params"]
+    assert base["embedding_weight_bytes"] == 4 * (V + N) * d
+    eight = res["bnbfuse-8bit"]
+    assert eight["params_with_8bit_state"] > 0
+    assert eight["optimizer_state_bytes"] < base["optimizer_state_bytes"]
+    # The embedding keeps 32-bit state: 8 bytes per element, as in the baseline.
+    assert eight["embedding_optimizer_state_bytes"] == base["embedding_optimizer_state_bytes"]
+    for name, max_bpp in (("fusion-int8", 1.07), ("fusion-nf4", 0.57)):
+        r = res[name]
+        # Only the new-token table is trained in the embedding: gradient and state are N rows.
+        assert r["embedding_grad_bytes"] == 4 * N * d
+        assert r["embedding_weight_bytes"] <= max_bpp * V * d + 4 * N * d
+        assert r["optimizer_plus_embedding_bytes"] < eight["optimizer_plus_embedding_bytes"]
+        assert data["summary"][name]["optimizer_plus_embedding_saving"] > 0.3
+    for r in res.values():
+        assert r["peak_bytes"] > r["weight_bytes"] and r["step_time_s"] > 0
+        assert 0 < r["eval_loss"] < 1.5 * torch.log(torch.tensor(float(V + N))).item()
+        assert len(r["losses"]) == p["steps"]
+    # Same initial weights and data: the first loss is the same for every configuration up
+    # to the quantized base table.
+    assert abs(eight["first_loss"] - base["first_loss"]) < 1e-4
+    assert "optimizer+embedding memory" in out
+    assert (tmp_path / "memory_tiny.png").exists() == _have("matplotlib")
+
+
+def test_train_parity_ci(tmp_path):
+    _run_script(["benchmarks/train_parity.py", "--ci"], tmp_path)
+    data = json.loads((tmp_path / "train_parity_ci.json").read_text())
+    ref, q = data["runs"]
+    assert ref["optimizer"] == "adamw32" and q["optimizer"] == "bnbfuse8"
+    assert len(ref["train_loss"]) == data["config"]["steps"] == len(q["train_loss"])
+    # It learned something: well below the uniform 8 bits/byte = ln(256) nats.
+    assert ref["final_eval_loss"] < 0.8 * torch.log(torch.tensor(256.0)).item()
+    assert abs(q["final_eval_loss"] / ref["final_eval_loss"] - 1) <= data["tol"] == 0.01
+    assert data["passed"] is True
+    # 8-bit state: < 4.5 bytes/param in this tiny model (the 32-bit embeddings and small
+    # biases dominate), 8 bytes/param for torch's AdamW.
+    assert q["optimizer_state_bytes"] < 0.6 * ref["optimizer_state_bytes"]
+    assert (tmp_path / "train_parity_ci.png").exists() == _have("matplotlib")
+
+
+def _have(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
