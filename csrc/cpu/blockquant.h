@@ -50,6 +50,11 @@ inline float block_absmax(const float* x, int64_t n) {
 // guess, the threshold and the stored code in one 4-byte lookup instead of three. Usable
 // when no bin holds two thresholds and none is NaN (true for the dynamic maps); NaN inputs
 // get the code of the smallest value, as QuantMap::nearest gives them.
+// This is the one exact table behind quantize_scaled (functional quantize and the optimizer
+// requantization). The table spans 256 KiB, but values of one block scaled by its absmax lie
+// in [-1, 1] and mostly within a few decades, so the bins actually touched are a few KiB and
+// stay in L1/L2 beside the kernels' buffers; it beat a 32 KiB clamped-exponent variant inside
+// the optimizer step (fewer instructions per lookup, same number of gathers).
 struct PackedNearest {
   bool usable = false;
   uint8_t nan_code = 0;
