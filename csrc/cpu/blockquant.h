@@ -70,45 +70,42 @@ inline uint32_t float_ukey(float x) {
 }
 
 // ---- table lookups as scalar loads ----------------------------------------------------
-// On Zen 3 an 8-lane vpgatherdd from an L1-resident table costs ~2.2 cycles per element,
-// while plain loads with the indices extracted by shifts from one 64-bit load cost ~0.8, so
-// the quantize/dequantize paths compute indices with SIMD into a small buffer, look them up
-// with these loops, and finish with SIMD. no-tree-vectorize keeps GCC from turning the
-// loops back into gathers; they are out of line for the same reason (an optimize attribute
-// blocks inlining into differently optimized callers), once per chunk of elements.
-__attribute__((noinline, optimize("no-tree-vectorize"))) inline void lookup_floats(
-    const float* table, const uint8_t* c, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, c + i, 8);
-    out[i] = table[w & 0xFF];
-    out[i + 1] = table[(w >> 8) & 0xFF];
-    out[i + 2] = table[(w >> 16) & 0xFF];
-    out[i + 3] = table[(w >> 24) & 0xFF];
-    out[i + 4] = table[(w >> 32) & 0xFF];
-    out[i + 5] = table[(w >> 40) & 0xFF];
-    out[i + 6] = table[(w >> 48) & 0xFF];
-    out[i + 7] = table[w >> 56];
-  }
-  for (; i < n; ++i) out[i] = table[c[i]];
+// On Zen 3 an 8-lane vpgatherdd from an L1-resident table costs ~2.2 cycles per element;
+// eight scalar loads (indices extracted by shifts from one 64-bit load) joined by shuffles
+// cost ~0.7. Both the nearest-code entries and the dequantization values are fetched so.
+#if defined(BNBF_SIMD8)
+inline __m256 join8(__m128 a0, __m128 a1, __m128 a2, __m128 a3, __m128 a4, __m128 a5,
+                    __m128 a6, __m128 a7) {
+  const __m128 lo = _mm_movelh_ps(_mm_unpacklo_ps(a0, a1), _mm_unpacklo_ps(a2, a3));
+  const __m128 hi = _mm_movelh_ps(_mm_unpacklo_ps(a4, a5), _mm_unpacklo_ps(a6, a7));
+  return _mm256_set_m128(hi, lo);
 }
 
-// out[i] = table[key[i] >> 16] (key: 32-bit ukeys; the bin is the top half).
-__attribute__((noinline, optimize("no-tree-vectorize"))) inline void lookup_bins(
-    const uint32_t* table, const uint32_t* key, uint32_t* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    uint64_t w0, w1;
-    std::memcpy(&w0, key + i, 8);
-    std::memcpy(&w1, key + i + 2, 8);
-    out[i] = table[(w0 >> 16) & 0xFFFF];
-    out[i + 1] = table[w0 >> 48];
-    out[i + 2] = table[(w1 >> 16) & 0xFFFF];
-    out[i + 3] = table[w1 >> 48];
-  }
-  for (; i < n; ++i) out[i] = table[key[i] >> 16];
+// table[c[0..8)] (c: 8 bytes)
+inline __m256 lookup8_bytes(const float* table, const uint8_t* c) {
+  uint64_t w;
+  std::memcpy(&w, c, 8);
+  return join8(_mm_load_ss(table + (w & 0xFF)), _mm_load_ss(table + ((w >> 8) & 0xFF)),
+               _mm_load_ss(table + ((w >> 16) & 0xFF)), _mm_load_ss(table + ((w >> 24) & 0xFF)),
+               _mm_load_ss(table + ((w >> 32) & 0xFF)), _mm_load_ss(table + ((w >> 40) & 0xFF)),
+               _mm_load_ss(table + ((w >> 48) & 0xFF)), _mm_load_ss(table + (w >> 56)));
 }
+
+// table[key[0..8) >> 16] (key: 32-bit ukeys; the bin is the top half)
+inline __m256i lookup8_bins(const uint32_t* table, const uint32_t* key) {
+  uint64_t w0, w1, w2, w3;
+  std::memcpy(&w0, key, 8);
+  std::memcpy(&w1, key + 2, 8);
+  std::memcpy(&w2, key + 4, 8);
+  std::memcpy(&w3, key + 6, 8);
+  const float* t = (const float*)table;
+  return _mm256_castps_si256(join8(
+      _mm_load_ss(t + ((w0 >> 16) & 0xFFFF)), _mm_load_ss(t + (w0 >> 48)),
+      _mm_load_ss(t + ((w1 >> 16) & 0xFFFF)), _mm_load_ss(t + (w1 >> 48)),
+      _mm_load_ss(t + ((w2 >> 16) & 0xFFFF)), _mm_load_ss(t + (w2 >> 48)),
+      _mm_load_ss(t + ((w3 >> 16) & 0xFFFF)), _mm_load_ss(t + (w3 >> 48))));
+}
+#endif
 
 inline void build_packed(const QuantMap& m, PackedNearest& p) {
   p.nan_code = m.sorted_to_code[0];
@@ -211,9 +208,9 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
   const float d = block_divisor(absmax);
   const PackedNearest& packed = packed_nearest(m);
   if (packed.usable) {
-    // Three passes per chunk: keys (SIMD), table entries (scalar loads, see lookup_bins),
-    // codes (SIMD).
-    alignas(64) uint32_t key[kQuantChunk], ent[kQuantChunk];
+    // Two passes per chunk: keys (SIMD, all divisions in a row), then the table entries by
+    // scalar loads (see lookup8_bins) and the codes.
+    alignas(64) uint32_t key[kQuantChunk];
     for (int64_t c0 = 0; c0 < n; c0 += kQuantChunk) {
       const int64_t len = std::min(kQuantChunk, n - c0);
       const float* xc = x + c0;
@@ -232,14 +229,13 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
       }
 #endif
       for (; i < len; ++i) key[i] = packed_key(xc[i] / d);
-      lookup_bins(packed.entry, key, ent, len);
       i = 0;
 #if defined(BNBF_SIMD8)
       const __m256i low16 = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
       const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
       const __m256i min_pos = _mm256_set1_epi32(m.min_positive_code);
       auto codes8 = [&](int64_t j) {
-        const __m256i e = _mm256_load_si256((const __m256i*)(ent + j));
+        const __m256i e = lookup8_bins(packed.entry, key + j);
         const __m256i k = _mm256_load_si256((const __m256i*)(key + j));
         const __m256i below = _mm256_cmpgt_epi32(_mm256_and_si256(e, low16),
                                                  _mm256_and_si256(k, low16));
@@ -266,7 +262,7 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
       for (; i + 8 <= len; i += 8) store_bytes8(oc + i, codes8(i));
 #endif
       for (; i < len; ++i) {
-        uint8_t c = packed_code(ent[i], key[i]);
+        uint8_t c = packed_code(packed.entry[key[i] >> 16], key[i]);
         if (keep_positive && c == m.zero_code && xc[i] > 0.f) c = m.min_positive_code;
         oc[i] = c;
       }
@@ -298,21 +294,15 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
     for (; i < n; ++i) out[i] = m.nearest(x[i] / d);
 }
 
-// out[i] = code[c[i]] * absmax: the map values by scalar loads (see lookup_floats), then
-// the scaling in place while the chunk is in L1.
+// out[i] = code[c[i]] * absmax (map values by scalar loads, see lookup8_bytes)
 inline void dequantize_scaled(const QuantMap& m, const uint8_t* c, float absmax, float* out,
                               int64_t n) {
-  for (int64_t c0 = 0; c0 < n; c0 += kQuantChunk) {
-    const int64_t len = std::min(kQuantChunk, n - c0);
-    float* o = out + c0;
-    lookup_floats(m.code, c + c0, o, len);
-    int64_t i = 0;
+  int64_t i = 0;
 #if defined(BNBF_SIMD8)
-    const __m256 s = _mm256_set1_ps(absmax);
-    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(o + i), s));
+  const __m256 s = _mm256_set1_ps(absmax);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(lookup8_bytes(m.code, c + i), s));
 #endif
-    for (; i < len; ++i) o[i] *= absmax;
-  }
+  for (; i < n; ++i) out[i] = m.code[c[i]] * absmax;
 }
 
 }  // namespace BNBF_ISA_NS
