@@ -85,7 +85,7 @@ struct Ctx {
 // Software prefetch of a block a few blocks ahead. Each block is read in short bursts per
 // stream (p, g, the codes) separated by compute on L1 buffers, which the hardware
 // prefetchers follow poorly: without this the rule loop stalls on p and g.
-constexpr int64_t kPrefetchBlocks = 4;
+constexpr int64_t kPrefetchBlocks = 8;
 
 template <int OPT, int DT, bool Q8>
 inline void prefetch_block(const Ctx& c, int64_t start) {
