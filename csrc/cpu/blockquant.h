@@ -40,7 +40,7 @@ inline float block_absmax(const float* x, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// ---- one-gather nearest rounding ----------------------------------------------------------
+// ---- one-lookup nearest rounding ----------------------------------------------------------
 // Floats ordered as unsigned integers: ukey(x) = bits ^ 0x80000000 for x >= +0 and ~bits for
 // x < 0, so x <= y <=> ukey(x) <= ukey(y) (-0 is first turned into +0 by adding +0).
 // For each 16-bit bin B of ukeys (the floats whose ukey >> 16 == B) `entry[B]` packs
@@ -55,7 +55,7 @@ inline float block_absmax(const float* x, int64_t n) {
 // requantization). The table spans 256 KiB, but values of one block scaled by its absmax lie
 // in [-1, 1] and mostly within a few decades, so the bins actually touched are a few KiB and
 // stay in L1/L2 beside the kernels' buffers; it beat a 32 KiB clamped-exponent variant inside
-// the optimizer step (fewer instructions per lookup, same number of gathers).
+// the optimizer step (fewer instructions per lookup, same number of lookups).
 struct PackedNearest {
   bool usable = false;
   uint8_t nan_code = 0;
