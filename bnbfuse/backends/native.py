@@ -120,7 +120,22 @@ class NativeBackend:
                              args_p, I64, P)
         nrm32 = self.function("optimizer_norms_32bit", I32, P, P, I32, P, P, args_p, I64, P)
 
+        # The per-step scalars are the same for every parameter of a group in one step, and
+        # building them (double math, float32 rounding, the ctypes struct) costs more than
+        # a small tensor's update: keep the last few, keyed by the Python scalars.
+        args_cache: dict = {}
+        scalar_types = (int, float, bool)
+
         def native_args(optimizer, hp, update_scale=1.0):
+            key = (optimizer, *hp, update_scale)
+            if all(type(v) in scalar_types for v in key[1:]):
+                a = args_cache.get(key)
+                if a is None:
+                    if len(args_cache) >= 32:
+                        args_cache.clear()
+                    a = args_cache[key] = OptimizerArgs.from_scalars(
+                        ref.optimizer_scalars(optimizer, *hp, update_scale))
+                return ctypes.byref(a)
             return ctypes.byref(OptimizerArgs.from_scalars(
                 ref.optimizer_scalars(optimizer, *hp, update_scale)))
 

@@ -90,15 +90,6 @@ static inline void dequant_nf4(const uint8_t* row, const float* qmap, float scal
   for (; i < len; ++i) dst[i] = nf4_at(row, qmap, j0 + i) * scale;
 }
 
-template <int DT>
-static inline void store_row(const float* src, void* out, int64_t off, int64_t len) {
-  int64_t i = 0;
-#if defined(BNBF_SIMD8)
-  for (; i + 8 <= len; i += 8) store8<DT>(out, off + i, _mm256_loadu_ps(src + i));
-#endif
-  for (; i < len; ++i) store1<DT>(out, off + i, src[i]);
-}
-
 void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,
                              const float* absmax, const float* qmap, int64_t vocab_size,
                              const void* fusion, int64_t embed_dim, int64_t blocksize, void* out,
@@ -138,7 +129,7 @@ void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, in
             if (linear) dequant_int8_linear(row + j0 + k, am[b], dst, kl);
             else if (bits == 8) dequant_int8(row + j0 + k, qmap, am[b], dst, kl);
             else dequant_nf4(row, qmap, am[b], dst, j0 + k, kl);
-            if (DT != BNBF_F32) store_row<DT>(buf, out, t * D + j0 + k, kl);
+            if (DT != BNBF_F32) store_f32<DT>(buf, out, t * D + j0 + k, kl);
           }
         }
       }

@@ -12,10 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <type_traits>
-#include <unordered_map>
 #include <vector>
 
 #include "blockquant.h"
@@ -27,171 +24,9 @@ namespace bnbf {
 namespace BNBF_ISA_NS {
 namespace {
 
-// ---- fast exact requantization ---------------------------------------------------------
-// QuantMap::nearest needs two table lookups per element (a 64 KB guess table, then the
-// threshold), and the guess table does not stay in L1 beside the optimizer's buffers. Here
-// one 32 KB table answers with one lookup, still exactly: the key of y = x/absmax
-// (|y| <= 1) is sign | clamp(exponent - 96, 0, 31) | top 7 mantissa bits, i.e. the same
-// 16-bit bins as QuantMap's guess table for |y| >= 2^-30 and one merged bin per sign below.
-// An entry holds the code of the bin's lowest value (bits 16..23), the code one threshold up
-// (bits 24..31) and the low 16 bits of the one threshold inside the bin (bits 0..15), which
-// shares the bin's top 16 bits, so `x >= thr` is an integer compare of the low halves.
-// Usable when no bin holds two thresholds and no threshold is below 2^-30 in magnitude
-// (true for the dynamic maps); otherwise the kernels use quantize_scaled.
-struct FastQuant {
-  bool usable = false;
-  uint8_t zero_code = 0, min_positive_code = 0;
-  alignas(64) uint32_t entry[8192];
-};
-
-constexpr int kFastExpBase = 96;
-
-inline uint32_t fast_key(uint32_t bits) {
-  const uint32_t s = bits >> 31, e = (bits >> 23) & 0xFFu, m7 = (bits >> 16) & 0x7Fu;
-  int ec = (int)e - kFastExpBase;
-  ec = ec < 0 ? 0 : (ec > 31 ? 31 : ec);
-  return (s << 12) | ((uint32_t)ec << 7) | m7;
-}
-
-void build_fast(FastQuant& f, const QuantMap& m) {
-  f.zero_code = m.zero_code;
-  f.min_positive_code = m.min_positive_code;
-  auto count_leq = [&](float x) {
-    int c = 0;
-    for (int k = 0; k < 255; ++k) c += m.thr[k] <= x;
-    return c;
-  };
-  for (int k = 0; k < 255; ++k) {
-    uint32_t b;
-    std::memcpy(&b, &m.thr[k], 4);
-    if ((int)((b >> 23) & 0xFFu) <= kFastExpBase) return;  // a threshold in the merged bin
-  }
-  for (uint32_t key = 0; key < 8192; ++key) {
-    const uint32_t s = key >> 12, ec = (key >> 7) & 31u, m7 = key & 0x7Fu;
-    const uint32_t top16 = (s << 15) | ((ec + kFastExpBase) << 7) | m7;
-    int n_in = 0;
-    uint32_t low = 0;
-    float t_in = 0.f;
-    for (int k = 0; k < 255; ++k) {
-      uint32_t b;
-      std::memcpy(&b, &m.thr[k], 4);
-      if (ec > 0 && (b >> 16) == top16) {
-        ++n_in;
-        low = b & 0xFFFFu;
-        t_in = m.thr[k];
-      }
-    }
-    if (n_in > 1) return;
-    float lowest;  // the bin's smallest value (bits with the largest magnitude if negative)
-    if (ec == 0) {
-      lowest = 0.f;
-    } else {
-      const uint32_t lb = (top16 << 16) | (s ? 0xFFFFu : 0u);
-      std::memcpy(&lowest, &lb, 4);
-    }
-    // thresholds below the bin; the one inside it (even if equal to `lowest`) is the compare
-    const int j = count_leq(lowest) - (n_in && t_in <= lowest ? 1 : 0);
-    const uint8_t lo_code = m.sorted_to_code[j];
-    const uint8_t hi_code = n_in ? m.sorted_to_code[std::min(j + 1, 255)] : lo_code;
-    f.entry[key] = (uint32_t)hi_code << 24 | (uint32_t)lo_code << 16 | low;
-  }
-  f.usable = true;
-}
-
-const FastQuant* fast_quant(const QuantMap& m) {
-  static std::mutex mu;
-  static std::unordered_map<const QuantMap*, std::unique_ptr<FastQuant>> cache;
-  std::lock_guard<std::mutex> lk(mu);
-  auto& slot = cache[&m];  // QuantMaps live forever, so their address is a stable key
-  if (!slot) {
-    slot.reset(new FastQuant());
-    build_fast(*slot, m);
-  }
-  return slot->usable ? slot.get() : nullptr;
-}
-
-inline uint8_t fast_nearest(const FastQuant& f, float y) {
-  uint32_t bits;
-  std::memcpy(&bits, &y, 4);
-  const uint32_t e = f.entry[fast_key(bits)];
-  const uint32_t low = bits & 0xFFFFu, tl = e & 0xFFFFu;
-  const bool up = (bits >> 31) ? low <= tl : low >= tl;
-  return (uint8_t)(up ? e >> 24 : (e >> 16) & 0xFFu);
-}
-
-// Exact nearest codes of x[i] / divisor(absmax): same result as quantize_scaled.
-void quantize_fast(const FastQuant& f, const float* x, float absmax, uint8_t* out, int64_t n,
-                   bool keep_positive) {
-  const float d = block_divisor(absmax);
-  int64_t i = 0;
-#if defined(BNBF_SIMD8)
-  const __m256 dv = _mm256_set1_ps(d);
-  const __m256i k0xff = _mm256_set1_epi32(0xFF), k0xffff = _mm256_set1_epi32(0xFFFF),
-                k0x7f = _mm256_set1_epi32(0x7F), kbase = _mm256_set1_epi32(kFastExpBase),
-                k31 = _mm256_set1_epi32(31), kzero = _mm256_setzero_si256();
-  const __m256i zero_code = _mm256_set1_epi32(f.zero_code),
-                min_pos = _mm256_set1_epi32(f.min_positive_code);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256i bits = _mm256_castps_si256(_mm256_div_ps(v, dv));
-    const __m256i sgn = _mm256_srli_epi32(bits, 31);
-    __m256i ec = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), k0xff), kbase);
-    ec = _mm256_min_epi32(_mm256_max_epi32(ec, kzero), k31);
-    const __m256i key = _mm256_or_si256(
-        _mm256_or_si256(_mm256_slli_epi32(sgn, 12), _mm256_slli_epi32(ec, 7)),
-        _mm256_and_si256(_mm256_srli_epi32(bits, 16), k0x7f));
-    const __m256i e = _mm256_i32gather_epi32((const int*)f.entry, key, 4);
-    const __m256i low = _mm256_and_si256(bits, k0xffff), tl = _mm256_and_si256(e, k0xffff);
-    // positive: low >= tl; negative: low <= tl (values are < 2^16: signed compares are fine)
-    const __m256i ge = _mm256_cmpgt_epi32(tl, low);   // low < tl
-    const __m256i le = _mm256_cmpgt_epi32(low, tl);   // low > tl
-    const __m256i neg = _mm256_cmpgt_epi32(sgn, kzero);
-    const __m256i up = _mm256_andnot_si256(_mm256_blendv_epi8(ge, le, neg), _mm256_set1_epi32(-1));
-    __m256i c = _mm256_blendv_epi8(_mm256_and_si256(_mm256_srli_epi32(e, 16), k0xff),
-                                   _mm256_srli_epi32(e, 24), up);
-    if (keep_positive) {
-      const __m256i fix = _mm256_and_si256(
-          _mm256_cmpeq_epi32(c, zero_code),
-          _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)));
-      c = _mm256_blendv_epi8(c, min_pos, fix);
-    }
-    store_bytes8(out + i, c);
-  }
-#endif
-  for (; i < n; ++i) {
-    uint8_t c = fast_nearest(f, x[i] / d);
-    if (keep_positive && c == f.zero_code && x[i] > 0.f) c = f.min_positive_code;
-    out[i] = c;
-  }
-}
-
-inline void requantize(const FastQuant* f, const QuantMap& m, const float* x, float absmax,
-                       uint8_t* out, int64_t n, bool keep_positive) {
-  if (f) quantize_fast(*f, x, absmax, out, n, keep_positive);
-  else quantize_scaled(m, x, absmax, out, n, keep_positive);
-}
-
 // Blocks per thread chunk: 64 blocks = 16k elements, so tensors below that stay on the
 // calling thread (waking the pool costs more than the work).
 constexpr int64_t kGrainBlocks = 64;
-
-template <int DT>
-void load_f32(const void* src, int64_t off, float* buf, int64_t len) {
-  int64_t i = 0;
-#if defined(BNBF_SIMD8)
-  for (; i + 8 <= len; i += 8) _mm256_storeu_ps(buf + i, load8<DT>(src, off + i));
-#endif
-  for (; i < len; ++i) buf[i] = load1<DT>(src, off + i);
-}
-
-template <int DT>
-void store_f32(const float* buf, void* dst, int64_t off, int64_t len) {
-  int64_t i = 0;
-#if defined(BNBF_SIMD8)
-  for (; i + 8 <= len; i += 8) store8<DT>(dst, off + i, _mm256_loadu_ps(buf + i));
-#endif
-  for (; i < len; ++i) store1<DT>(dst, off + i, buf[i]);
-}
 
 // The rule over one block, in place. Distinct tensors never overlap, hence __restrict.
 template <int OPT>
@@ -242,12 +77,35 @@ struct Ctx {
   float* absmax2;
   const QuantMap* map1;
   const QuantMap* map2;
-  const FastQuant* fast1;  // null: use quantize_scaled
-  const FastQuant* fast2;
   const bnbf_optim_args* args;
   int64_t n, nblocks;
   double* partial;  // norms: 2 doubles per block
 };
+
+// Software prefetch of a block a few blocks ahead. Each block is read in short bursts per
+// stream (p, g, the codes) separated by compute on L1 buffers, which the hardware
+// prefetchers follow poorly: without this the rule loop stalls on p and g.
+constexpr int64_t kPrefetchBlocks = 8;
+
+template <int OPT, int DT, bool Q8>
+inline void prefetch_block(const Ctx& c, int64_t start) {
+  using T = OptTraits<OPT>;
+  constexpr int64_t es = DT == BNBF_F32 ? 4 : 2;
+  const char* p = (const char*)c.p + start * es;
+  const char* g = (const char*)c.g + start * es;
+  for (int64_t o = 0; o < kOptimBlock * es; o += 64) {
+    __builtin_prefetch(p + o, 1);
+    __builtin_prefetch(g + o, 0);
+  }
+  const int64_t ss = Q8 ? 1 : 4;
+  const char* s1 = (const char*)c.s1 + start * ss;
+  const char* s2 = (const char*)c.s2 + start * ss;
+  for (int64_t o = 0; o < kOptimBlock * ss; o += 64) {
+    __builtin_prefetch(s1 + o, 1);
+    if (T::has_m2) __builtin_prefetch(s1 + c.n * ss + o, 1);
+    if (T::two_state) __builtin_prefetch(s2 + o, 1);
+  }
+}
 
 template <int OPT, int DT, bool Q8, bool NORMS>
 void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
@@ -258,6 +116,7 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
   uint8_t* codes2 = (uint8_t*)c.s2;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kOptimBlock, len = std::min(kOptimBlock, c.n - start);
+    if (b + kPrefetchBlocks < c.nblocks) prefetch_block<OPT, DT, Q8>(c, start + kPrefetchBlocks * kOptimBlock);
     float* pp = P;
     const float* gp = G;
     if (DT == BNBF_F32) {
@@ -294,16 +153,16 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
     if (Q8) {
       float m = block_absmax(S1, len);
       c.absmax1[b] = m;
-      requantize(c.fast1, *c.map1, S1, m, codes1 + start, len, T::keep_positive1);
+      quantize_scaled(*c.map1, S1, m, codes1 + start, len, T::keep_positive1);
       if (T::has_m2) {
         m = block_absmax(S1B, len);
         c.absmax1[c.nblocks + b] = m;
-        requantize(c.fast1, *c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
+        quantize_scaled(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
       }
       if (T::two_state) {
         m = block_absmax(S2, len);
         c.absmax2[b] = m;
-        requantize(c.fast2, *c.map2, S2, m, codes2 + start, len, T::keep_positive2);
+        quantize_scaled(*c.map2, S2, m, codes2 + start, len, T::keep_positive2);
       }
     }
   }
@@ -350,16 +209,14 @@ bool optimizer_update_8bit(int opt, void* p, const void* g, int dtype, uint8_t* 
                            uint8_t* state2, float* absmax1, float* absmax2, const QuantMap& map1,
                            const QuantMap* map2, const bnbf_optim_args& args, int64_t n,
                            int num_threads) {
-  Ctx c{p, g, state1, state2, absmax1, absmax2, &map1, map2, fast_quant(map1),
-        map2 ? fast_quant(*map2) : nullptr, &args, n, 0, nullptr};
+  Ctx c{p, g, state1, state2, absmax1, absmax2, &map1, map2, &args, n, 0, nullptr};
   return run<true, false>(opt, dtype, c, num_threads, nullptr);
 }
 
 bool optimizer_update_32bit(int opt, void* p, const void* g, int dtype, float* state1,
                             float* state2, const bnbf_optim_args& args, int64_t n,
                             int num_threads) {
-  Ctx c{p, g, state1, state2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, &args, n, 0,
-        nullptr};
+  Ctx c{p, g, state1, state2, nullptr, nullptr, nullptr, nullptr, &args, n, 0, nullptr};
   return run<false, false>(opt, dtype, c, num_threads, nullptr);
 }
 
@@ -369,8 +226,7 @@ bool optimizer_norms_8bit(int opt, const void* p, const void* g, int dtype, cons
                           int64_t n, double* out, int num_threads) {
   // The norms path only reads: the const_casts just share the Ctx with the update path.
   Ctx c{const_cast<void*>(p), g, const_cast<uint8_t*>(state1), const_cast<uint8_t*>(state2),
-        const_cast<float*>(absmax1), const_cast<float*>(absmax2), &map1, map2, nullptr, nullptr,
-        &args, n, 0, nullptr};
+        const_cast<float*>(absmax1), const_cast<float*>(absmax2), &map1, map2, &args, n, 0, nullptr};
   return run<true, true>(opt, dtype, c, num_threads, out);
 }
 
@@ -378,7 +234,7 @@ bool optimizer_norms_32bit(int opt, const void* p, const void* g, int dtype, con
                            const float* state2, const bnbf_optim_args& args, int64_t n,
                            double* out, int num_threads) {
   Ctx c{const_cast<void*>(p), g, const_cast<float*>(state1), const_cast<float*>(state2),
-        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, &args, n, 0, nullptr};
+        nullptr, nullptr, nullptr, nullptr, &args, n, 0, nullptr};
   return run<false, true>(opt, dtype, c, num_threads, out);
 }
 

@@ -19,16 +19,7 @@ float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int6
   return absmax;
 }
 
-template <int DT>
-static void to_f32(const void* A, int64_t off, float* buf, int64_t len) {
-  int64_t i = 0;
-#if defined(BNBF_SIMD8)
-  for (; i + 8 <= len; i += 8) _mm256_storeu_ps(buf + i, load8<DT>(A, off + i));
-#endif
-  for (; i < len; ++i) buf[i] = load1<DT>(A, off + i);
-}
-
-// to_f32 and block_absmax in one pass (same result as the two calls).
+// load_f32 and block_absmax in one pass (same result as the two calls).
 template <int DT>
 static float to_f32_absmax(const void* A, int64_t off, float* buf, int64_t len) {
   int64_t i = 0;
@@ -52,15 +43,6 @@ static float to_f32_absmax(const void* A, int64_t off, float* buf, int64_t len) 
     m = a > m ? a : m;
   }
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
-}
-
-template <int DT>
-static void from_f32(const float* buf, void* out, int64_t off, int64_t len) {
-  int64_t i = 0;
-#if defined(BNBF_SIMD8)
-  for (; i + 8 <= len; i += 8) store8<DT>(out, off + i, _mm256_loadu_ps(buf + i));
-#endif
-  for (; i < len; ++i) store1<DT>(out, off + i, buf[i]);
 }
 
 void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* absmax,
@@ -87,14 +69,14 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
         float m = 0.f;
         for (int64_t t = 0; t < len; t += kTile) {
           int64_t tl = std::min(kTile, len - t);
-          to_f32<DT>(A, start + t, buf, tl);
+          load_f32<DT>(A, start + t, buf, tl);
           float mt = block_absmax(buf, tl);
           m = (std::isnan(mt) || mt > m) ? mt : m;
         }
         absmax[b] = m;
         for (int64_t t = 0; t < len; t += kTile) {
           int64_t tl = std::min(kTile, len - t);
-          to_f32<DT>(A, start + t, buf, tl);
+          load_f32<DT>(A, start + t, buf, tl);
           quantize_scaled(map, buf, m, out + start + t, tl);
         }
       }
@@ -118,7 +100,7 @@ void dequantize_blockwise(const QuantMap& map, const uint8_t* A, const float* ab
             dequantize_scaled(map, A + start + t, absmax[b], (float*)out + start + t, tl);
           } else {
             dequantize_scaled(map, A + start + t, absmax[b], buf, tl);
-            from_f32<DT>(buf, out, start + t, tl);
+            store_f32<DT>(buf, out, start + t, tl);
           }
         }
       }

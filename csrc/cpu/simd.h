@@ -132,6 +132,25 @@ inline __m256 abs8(__m256 v) {
 }
 #endif
 
+// buf[0..len) = fp32 of src[off..off+len) (any dtype), and back (RNE like torch).
+template <int DT>
+inline void load_f32(const void* src, int64_t off, float* buf, int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  for (; i + 8 <= len; i += 8) _mm256_storeu_ps(buf + i, load8<DT>(src, off + i));
+#endif
+  for (; i < len; ++i) buf[i] = load1<DT>(src, off + i);
+}
+
+template <int DT>
+inline void store_f32(const float* buf, void* dst, int64_t off, int64_t len) {
+  int64_t i = 0;
+#if defined(BNBF_SIMD8)
+  for (; i + 8 <= len; i += 8) store8<DT>(dst, off + i, _mm256_loadu_ps(buf + i));
+#endif
+  for (; i < len; ++i) store1<DT>(dst, off + i, buf[i]);
+}
+
 // Calls f.template operator()<DT>() for the runtime dtype; returns false if unknown.
 template <typename F>
 inline bool dispatch_dtype(int dtype, F&& f) {
