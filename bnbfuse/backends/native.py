@@ -90,7 +90,7 @@ class NativeBackend:
         """
         import ctypes
 
-        from .._native import OptimizerArgs
+        from .._native import OPTIMIZER_IDS, OptimizerArgs
         from . import reference as ref
 
         class _Contiguous:
@@ -149,7 +149,7 @@ class NativeBackend:
             g = g.contiguous()
             with _Contiguous(p, state1, two(optimizer, state2), absmax1,
                              two(optimizer, absmax2)) as (pc, s1, s2, a1, a2):
-                self.lib.check(upd8(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                self.lib.check(upd8(OPTIMIZER_IDS[optimizer], ptr(pc), ptr(g),
                                     dtype_code(p.dtype), ptr(s1), ptr(s2), ptr(a1), ptr(a2),
                                     ptr(q1), ptr(q2), a, n, self.last_value(p)),
                                "optimizer_update_8bit_blockwise")
@@ -163,7 +163,7 @@ class NativeBackend:
                 return
             g = g.contiguous()
             with _Contiguous(p, state1, two(optimizer, state2)) as (pc, s1, s2):
-                self.lib.check(upd32(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                self.lib.check(upd32(OPTIMIZER_IDS[optimizer], ptr(pc), ptr(g),
                                      dtype_code(p.dtype), ptr(s1), ptr(s2), a, n,
                                      self.last_value(p)), "optimizer_update_32bit")
 
@@ -180,7 +180,7 @@ class NativeBackend:
                 s2 = None if s2 is None else s2.contiguous()
                 a2 = None if a2 is None else a2.contiguous()
                 pc, g, s1, a1 = (t.contiguous() for t in (p, g, state1, absmax1))
-                self.lib.check(nrm8(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                self.lib.check(nrm8(OPTIMIZER_IDS[optimizer], ptr(pc), ptr(g),
                                     dtype_code(p.dtype), ptr(s1), ptr(s2), ptr(a1), ptr(a2),
                                     ptr(q1), ptr(q2), a, n, ptr(out), self.last_value(p)),
                                "optimizer_norms_8bit_blockwise")
@@ -195,7 +195,7 @@ class NativeBackend:
                 s2 = two(optimizer, state2)
                 s2 = None if s2 is None else s2.contiguous()
                 pc, g, s1 = (t.contiguous() for t in (p, g, state1))
-                self.lib.check(nrm32(ref.OPTIMIZERS.index(optimizer), ptr(pc), ptr(g),
+                self.lib.check(nrm32(OPTIMIZER_IDS[optimizer], ptr(pc), ptr(g),
                                      dtype_code(p.dtype), ptr(s1), ptr(s2), a, n, ptr(out),
                                      self.last_value(p)), "optimizer_norms_32bit")
             return out.to(torch.float32)
