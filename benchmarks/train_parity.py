@@ -14,8 +14,8 @@ of both loss curves, and exits with status 1 when the check fails.
 
 Usage::
 
-    python benchmarks/train_parity.py               # ~0.8M params, 400 steps
-    python benchmarks/train_parity.py --steps 1000
+    python benchmarks/train_parity.py               # 0.88M params, 1000 steps
+    python benchmarks/train_parity.py --steps 400 --also bitsandbytes8
     python benchmarks/train_parity.py --ci          # tiny model, seconds (what the tests run)
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-FULL = dict(d_model=128, layers=4, heads=4, seq_len=128, batch_size=16, steps=400, lr=2e-3,
+FULL = dict(d_model=128, layers=4, heads=4, seq_len=128, batch_size=16, steps=1000, lr=2e-3,
             warmup=40, eval_every=50, eval_batches=16, train_bytes=4_000_000, eval_bytes=300_000)
 CI = dict(d_model=64, layers=1, heads=2, seq_len=64, batch_size=8, steps=30, lr=3e-3,
           warmup=5, eval_every=10, eval_batches=4, train_bytes=200_000, eval_bytes=40_000)
@@ -194,7 +194,7 @@ def plot(runs: list[dict], path: Path, title: str) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, help="training steps (default 400; 30 with --ci)")
+    ap.add_argument("--steps", type=int, help="training steps (default 1000; 30 with --ci)")
     ap.add_argument("--ci", action="store_true", help="tiny model and few steps (seconds)")
     ap.add_argument("--eightbit", choices=["bnbfuse8", "bitsandbytes8"], default="bnbfuse8",
                     help="8-bit optimizer to compare with 32-bit torch AdamW")

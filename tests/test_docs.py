@@ -144,17 +144,16 @@ def test_memory_benchmark_tiny(tmp_path):
     eight = res["bnbfuse-8bit"]
     assert eight["params_with_8bit_state"] > 0
     assert eight["optimizer_state_bytes"] < base["optimizer_state_bytes"]
-    # The embedding keeps 32-bit state: 8 bytes per element, as in the baseline.
-    # the same fp32 moments; torch.optim also keeps `step` as a 4-byte tensor, bnbfuse an int
-    assert 0 <= base["embedding_optimizer_state_bytes"] - eight["embedding_optimizer_state_bytes"] <= 8
+    # The embedding keeps 32-bit state: 8 bytes per element, as in the baseline (whose
+    # torch AdamW adds a 4-byte step tensor).
+    assert 8 * (V + N) * d <= eight["embedding_optimizer_state_bytes"] <= 8 * (V + N) * d + 16
+    assert abs(eight["embedding_optimizer_state_bytes"] - base["embedding_optimizer_state_bytes"]) <= 16
     for name, max_bpp in (("fusion-int8", 1.07), ("fusion-nf4", 0.57)):
         r = res[name]
         # Only the new-token table is trained in the embedding: gradient and state are N rows.
-        # (the backward accumulates into N + 1 rows, one spill row for base tokens, and
-        # hands out the first N as the gradient: the storage counted holds N + 1 rows)
-        assert r["embedding_grad_bytes"] in (4 * N * d, 4 * (N + 1) * d)
-        # bytes/param of the base, plus the fp32 new rows and the (at most 256-value) code map
-        assert r["embedding_weight_bytes"] <= max_bpp * V * d + 4 * N * d + 4 * 256
+        # (the lookup's backward may add one scratch row)
+        assert 4 * N * d <= r["embedding_grad_bytes"] <= 4 * (N + 1) * d
+        assert r["embedding_weight_bytes"] <= max_bpp * V * d + 4 * (N + 1) * d + 1024
         assert r["optimizer_plus_embedding_bytes"] < eight["optimizer_plus_embedding_bytes"]
         assert data["summary"][name]["optimizer_plus_embedding_saving"] > 0.3
     for r in res.values():
