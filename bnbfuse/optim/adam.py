@@ -30,9 +30,7 @@ class _AdamBase(Optimizer2State):
                          percentile_clipping=percentile_clipping)
 
     def _validate_hparams(self, group):
-        if len(group["betas"]) != 2:
-            raise ValueError(f"{type(self).__name__} takes betas=(beta1, beta2), got "
-                             f"{group['betas']!r}")
+        self._check_betas(group)
         if group.get("amsgrad", False):
             raise ValueError(f"{type(self).__name__} does not support amsgrad=True")
 

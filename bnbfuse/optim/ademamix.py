@@ -71,9 +71,7 @@ class AdEMAMix(Optimizer2State):
 
     def _validate_hparams(self, group):
         name = type(self).__name__
-        if len(group["betas"]) != 3:
-            raise ValueError(f"{name} takes betas=(beta1, beta2, beta3), got "
-                             f"{group['betas']!r}")
+        self._check_betas(group, "beta1, beta2, beta3")
         if float(group["alpha"]) < 0:
             raise ValueError(f"{name}: invalid alpha value {group['alpha']!r}")
         for key in ("t_alpha", "t_beta3"):

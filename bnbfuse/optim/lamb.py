@@ -61,9 +61,7 @@ class LAMB(Optimizer2State):
                          percentile_clipping=percentile_clipping)
 
     def _validate_hparams(self, group):
-        if len(group["betas"]) != 2:
-            raise ValueError(f"{type(self).__name__} takes betas=(beta1, beta2), got "
-                             f"{group['betas']!r}")
+        self._check_betas(group)
 
     def _kernel_hparams(self, cfg, step):
         beta1, beta2 = cfg["betas"]

@@ -44,9 +44,7 @@ class Lion(Optimizer1State):
                          percentile_clipping=percentile_clipping)
 
     def _validate_hparams(self, group):
-        if len(group["betas"]) != 2:
-            raise ValueError(f"{type(self).__name__} takes betas=(beta1, beta2), got "
-                             f"{group['betas']!r}")
+        self._check_betas(group)
 
     def _kernel_hparams(self, cfg, step):
         beta1, beta2 = cfg["betas"]

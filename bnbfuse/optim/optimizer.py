@@ -167,6 +167,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Initial value of state1 (None: zeros). Adagrad's initial_accumulator_value."""
         return None
 
+    def _check_betas(self, group: dict[str, Any], names: str = "beta1, beta2") -> None:
+        """Raises ValueError unless ``group["betas"]`` has one value per name in ``names``."""
+        if len(group["betas"]) != len(names.split(",")):
+            raise ValueError(f"{type(self).__name__} takes betas=({names}), got "
+                             f"{group['betas']!r}")
+
     def _validate_hparams(self, group: dict[str, Any]) -> None:
         """Checks the subclass's own hyper-parameters (raises ValueError)."""
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "embedding_check.h"
 
 namespace bnbf {
 namespace cuda {
@@ -65,19 +66,10 @@ BNBF_API int bnbf_cuda_fusion_embedding_lookup(const int64_t* ids, int64_t n, co
                                                int64_t fusion_vocab_size, int64_t embed_dim,
                                                int64_t blocksize, void* out, int dtype,
                                                void* stream) {
-  if (n < 0) return fail(BNBF_E_ARG, "n must be >= 0, got %lld", (long long)n);
-  if (bits != 0 && bits != 4 && bits != 8)
-    return fail(BNBF_E_ARG, "bits must be 0, 4 or 8, got %d", bits);
-  if (vocab_size < 0 || fusion_vocab_size < 0 || embed_dim < 1)
-    return fail(BNBF_E_ARG, "bad table sizes: vocab %lld, fusion %lld, dim %lld",
-                (long long)vocab_size, (long long)fusion_vocab_size, (long long)embed_dim);
-  if (bits != 0 && blocksize < 1)
-    return fail(BNBF_E_ARG, "blocksize must be >= 1, got %lld", (long long)blocksize);
+  if (int rc = bnbf::check_lookup_args(ids, n, base, bits, absmax, qmap, vocab_size, fusion,
+                                       fusion_vocab_size, embed_dim, blocksize, out, dtype))
+    return rc;
   if (n == 0) return BNBF_OK;
-  if (!ids || !out) return fail(BNBF_E_ARG, "null ids or out");
-  if (vocab_size > 0 && (!base || (bits != 0 && (!absmax || !qmap))))
-    return fail(BNBF_E_ARG, "null base table, absmax or qmap");
-  if (fusion_vocab_size > 0 && !fusion) return fail(BNBF_E_ARG, "null fusion table");
   int dev = 0;
   if (int rc = device_of(out, "out", &dev)) return rc;
   DeviceGuard guard(dev);
