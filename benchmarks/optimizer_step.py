@@ -8,8 +8,7 @@ step time as Mparam/s, the optimizer state in bytes per parameter (counted from 
 tensors), and the throughput relative to torch's fused AdamW measured in the same run.
 
 bnbfuse is driven through its optimizer classes (``bnbfuse.optim.AdamW8bit`` /
-``AdamW32bit``) when they exist; otherwise through a minimal adapter that calls the update
-ops directly (marked "(op adapter)" in the output).
+``AdamW32bit``), exactly as a user calls it.
 
     python benchmarks/optimizer_step.py                     # 1M..64M, fp32 and bf16
     python benchmarks/optimizer_step.py --sizes 16 --dtypes fp32 --threads 2
@@ -29,72 +28,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnbfuse  # noqa: E402
-from bnbfuse.functional import dynamic_map  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 1e-2
 
 
-class OpAdamW(torch.optim.Optimizer):
-    """Minimal AdamW over ``bnbfuse::optimizer_update_{8bit_blockwise,32bit}`` for this
-    benchmark, used only when ``bnbfuse.optim.AdamW8bit``/``AdamW32bit`` are not available.
-    Same state layout as the classes (state1/state2 codes, absmax1/absmax2, qmap1/qmap2)."""
-
-    def __init__(self, params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, eight_bit=True):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.eight_bit = eight_bit
-
-    @torch.no_grad()
-    def step(self):
-        ops = torch.ops.bnbfuse
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    if self.eight_bit:
-                        q1, q2 = dynamic_map(True, p.device), dynamic_map(False, p.device)
-                        blocks = -(p.numel() // -256)
-                        st["qmap1"], st["qmap2"] = q1, q2
-                        st["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                        st["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                        st["absmax1"] = torch.zeros(blocks, device=p.device)
-                        st["absmax2"] = torch.zeros(blocks, device=p.device)
-                    else:
-                        st["state1"] = torch.zeros(p.shape, device=p.device)
-                        st["state2"] = torch.zeros(p.shape, device=p.device)
-                st["step"] += 1
-                hp = (group["lr"], b1, b2, 0.0, 0.0, group["eps"], group["weight_decay"], 0.0,
-                      False, st["step"], 1.0, 1.0)
-                if self.eight_bit:
-                    ops.optimizer_update_8bit_blockwise(
-                        "adamw", p, p.grad, st["state1"], st["state2"], st["absmax1"],
-                        st["absmax2"], st["qmap1"], st["qmap2"], *hp)
-                else:
-                    ops.optimizer_update_32bit("adamw", p, p.grad, st["state1"], st["state2"],
-                                               *hp)
-
-
 def bnbfuse_factories():
-    """(label, factory) for bnbfuse 8-bit and 32-bit: the classes if present, else OpAdamW."""
-    optim = getattr(bnbfuse, "optim", None)
-    cls8 = getattr(optim, "AdamW8bit", None)
-    cls32 = getattr(optim, "AdamW32bit", None)
-    out = []
-    if cls8 is not None:
-        out.append(("bnbfuse AdamW8bit", lambda ps: cls8(ps, lr=LR, betas=BETAS, eps=EPS,
-                                                         weight_decay=WD)))
-    else:
-        out.append(("bnbfuse AdamW8bit (op adapter)", lambda ps: OpAdamW(ps, eight_bit=True)))
-    if cls32 is not None:
-        out.append(("bnbfuse AdamW32bit", lambda ps: cls32(ps, lr=LR, betas=BETAS, eps=EPS,
-                                                           weight_decay=WD)))
-    else:
-        out.append(("bnbfuse AdamW32bit (op adapter)", lambda ps: OpAdamW(ps, eight_bit=False)))
-    return out
+    """(label, factory) for bnbfuse's 8-bit and 32-bit AdamW."""
+    return [
+        ("bnbfuse AdamW8bit", lambda ps: bnbfuse.optim.AdamW8bit(ps, lr=LR, betas=BETAS, eps=EPS,
+                                                                 weight_decay=WD)),
+        ("bnbfuse AdamW32bit", lambda ps: bnbfuse.optim.AdamW32bit(ps, lr=LR, betas=BETAS,
+                                                                   eps=EPS, weight_decay=WD)),
+    ]
 
 
 def contenders(device):
