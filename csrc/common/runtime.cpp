@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <cstdarg>
-#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -13,16 +11,6 @@
 #include "bnbfuse.h"
 
 namespace bnbf {
-
-static thread_local char g_error[512] = "";
-
-int fail(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(g_error, sizeof(g_error), fmt, ap);
-  va_end(ap);
-  return code;
-}
 
 // ---- thread pool ------------------------------------------------------------------------
 namespace {
@@ -182,8 +170,6 @@ bool force_isa(const char* name) {
 
 }  // namespace bnbf
 
-BNBF_API const char* bnbf_last_error(void) { return bnbf::g_error; }
-BNBF_API const char* bnbf_version(void) { return "0.1.0"; }
 BNBF_API const char* bnbf_cpu_isa(void) { return bnbf::isa_name(bnbf::active_isa()); }
 BNBF_API const char* bnbf_cpu_isas_compiled(void) { return BNBF_ISA_LIST; }
 BNBF_API int bnbf_cpu_force_isa(const char* isa) {

@@ -13,8 +13,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdarg>
-#include <cstdio>
 #include <type_traits>
 
 #include "bnbfuse.h"
@@ -22,26 +20,6 @@
 #include "optim_quant.cuh"
 #include "optim_rule.h"
 #include "runtime.h"
-
-namespace bnbf {
-
-// The CUDA library has no csrc/common runtime: these weak definitions give it the error
-// channel; a strong definition elsewhere in the library takes precedence.
-static thread_local char g_cuda_error[512] = "";
-
-__attribute__((weak)) int fail(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(g_cuda_error, sizeof(g_cuda_error), fmt, ap);
-  va_end(ap);
-  return code;
-}
-
-}  // namespace bnbf
-
-extern "C" __attribute__((weak, visibility("default"))) const char* bnbf_last_error(void) {
-  return bnbf::g_cuda_error;
-}
 
 namespace bnbf {
 namespace cuda {

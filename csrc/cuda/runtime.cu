@@ -1,8 +1,6 @@
-// Runtime services of the CUDA library (its own error buffer: the CPU library's
-// csrc/common/runtime.cpp is not linked into it) and the introspection entry points.
+// Runtime services of the CUDA library (device checks, SM counts) and its introspection
+// entry point; the error channel is csrc/common/errors.cpp, compiled into both libraries.
 #include <atomic>
-#include <cstdarg>
-#include <cstdio>
 
 #include "common.cuh"
 
@@ -11,16 +9,6 @@
 #endif
 
 namespace bnbf {
-
-static thread_local char g_error[512] = "";
-
-int fail(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(g_error, sizeof(g_error), fmt, ap);
-  va_end(ap);
-  return code;
-}
 
 namespace cuda {
 
@@ -58,6 +46,4 @@ int sm_count(int dev) {
 }  // namespace cuda
 }  // namespace bnbf
 
-BNBF_API const char* bnbf_last_error(void) { return bnbf::g_error; }
-BNBF_API const char* bnbf_version(void) { return "0.1.0"; }
 BNBF_API const char* bnbf_cuda_archs(void) { return BNBF_CUDA_ARCHS; }
