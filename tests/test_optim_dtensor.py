@@ -2,21 +2,12 @@
 size, norms summed over the shards. Two gloo processes on CPU."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from dist_utils import run_workers
 
 pytest.importorskip("torch.distributed.tensor")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights():
@@ -33,7 +24,7 @@ def _cases(bo):
             ("clip32", lambda ps: bo.AdamW32bit(ps, lr=1e-2, max_unorm=1e-3)))
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world):
     import warnings
 
     warnings.simplefilter("ignore")
@@ -41,38 +32,27 @@ def _worker(rank, world, port, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)
-        full = _weights()  # 6400 elements: 3200 per rank, below min_8bit_size
-        grads = [torch.randn(64, 100) * 0.01 for _ in range(4)]
-        results = {}
-        for name, make in _cases(bo):
-            p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
-            opt = make([p])
-            for g in grads:
-                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                opt.step()
-            st = opt.state[p]
-            results[name] = dict(full=p.full_tensor().detach().clone(),
-                                 dtype=st["state1"].dtype, shape=tuple(st["state1"].shape))
-        if rank == 0:
-            out.update(results)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    full = _weights()  # 6400 elements: 3200 per rank, below min_8bit_size
+    grads = [torch.randn(64, 100) * 0.01 for _ in range(4)]
+    results = {}
+    for name, make in _cases(bo):
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        opt = make([p])
+        for g in grads:
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            opt.step()
+        st = opt.state[p]
+        results[name] = dict(full=p.full_tensor().detach().clone(),
+                             dtype=st["state1"].dtype, shape=tuple(st["state1"].shape))
+    return results
 
 
 def test_dtensor_parameters_shard_state_and_match_single_process():
     import bnbfuse.optim as bo
 
-    world = 2
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+    results = run_workers(_worker, world_size=2, timeout=120)[0]
     full = _weights()
     grads = [torch.randn(64, 100) * 0.01 for _ in range(4)]
     for name, make in _cases(bo):
