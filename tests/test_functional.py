@@ -159,6 +159,25 @@ def test_custom_unsorted_map():
     assert torch.equal(y, code[codes.long()] * blocks)
 
 
+
+def test_signed_zero_at_a_threshold():
+    # A map symmetric about 0 without 0 itself has its middle threshold at exactly 0:
+    # -0.0 and +0.0 are both that tie and go to the larger neighbour; tiny values of either
+    # sign go to their own side. The native table has a shortcut for maps without a
+    # threshold at 0 that must not apply here.
+    code = torch.linspace(-1, 1, 256)
+    x = torch.zeros(512)
+    x[0], x[1] = 1.0, -1.0  # absmax 1 in both blocks
+    x[256], x[257] = 0.5, -0.5
+    x[2:100] = -0.0
+    x[100:110] = torch.tensor([1e-30, -1e-30, 1e-45, -1e-45, 3e-3, -3e-3, 0.0, -0.0, 1e-8, -1e-8])
+    x[300:400] = -0.0
+    codes, state = F.quantize_blockwise(x, code=code, blocksize=256)
+    want, want_absmax = quantize_numpy(x, code, 256)
+    assert same_bits(state.absmax, want_absmax)
+    assert np.array_equal(codes.numpy(), want)
+    assert codes[2] == codes[106] == 128  # -0.0 and +0.0: the tie goes to the larger value
+
 # ---- round trip ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [4096, 256, 64])

@@ -60,37 +60,40 @@ BNBF_HD float opt_select(bool ok, float a, float b) {
 
 // torch.sign for float: (0 < x) - (x < 0); NaN gives 0.
 BNBF_HD float opt_sign(float x) { return (x > 0.f ? 1.f : 0.f) - (x < 0.f ? 1.f : 0.f); }
+BNBF_HD float opt_sqrt(float x) { return sqrtf(x); }
 
-// One update of one element. g is already multiplied by gnorm_scale. Updates p and the
-// states in place and returns the update direction before the learning rate (what the
-// norms ops sum; see optimizer_norms_32bit in the reference for each optimizer's choice).
-template <int OPT>
-BNBF_HD float opt_rule(float& p, float g, float& s1, float& s1b, float& s2,
-                       const bnbf_optim_args& a) {
+// One update of one element, or of a vector of elements: F is float (CUDA, scalar CPU
+// code) or a CPU lane type (csrc/cpu/lanes.h) whose operators are the same IEEE float32
+// operations lane by lane, with opt_sqrt/opt_sign overloads found by argument-dependent
+// lookup. g is already multiplied by gnorm_scale. Updates p and the states in place and
+// returns the update direction before the learning rate (what the norms ops sum; see
+// optimizer_norms_32bit in the reference for each optimizer's choice).
+template <int OPT, class F = float>
+BNBF_HD F opt_rule(F& p, F g, F& s1, F& s1b, F& s2, const bnbf_optim_args& a) {
   if (OPT == BNBF_OPT_ADAM || OPT == BNBF_OPT_ADAMW || OPT == BNBF_OPT_LAMB) {
     if (OPT == BNBF_OPT_ADAM) g = g + p * a.weight_decay;
     if (OPT == BNBF_OPT_ADAMW) p = p * a.decay;
     s1 = s1 * a.beta1 + g * a.one_minus_beta1;
     s2 = s2 * a.beta2 + (g * g) * a.one_minus_beta2;
-    const float denom = sqrtf(s2) * a.inv_sqrt_bc2 + a.eps;
+    const F denom = opt_sqrt(s2) * a.inv_sqrt_bc2 + a.eps;
     if (OPT == BNBF_OPT_LAMB) {
-      const float u = (s1 * a.inv_bc1) / denom + p * a.weight_decay;
+      const F u = (s1 * a.inv_bc1) / denom + p * a.weight_decay;
       p = p - u * a.step_size;
       return u;
     }
-    const float u = s1 / denom;
+    const F u = s1 / denom;
     p = p - u * a.step_size;
     return u * a.inv_bc1;
   } else if (OPT == BNBF_OPT_ADEMAMIX) {
     s1 = s1 * a.beta1 + g * a.one_minus_beta1;
     s1b = s1b * a.beta3 + g * a.one_minus_beta3;
     s2 = s2 * a.beta2 + (g * g) * a.one_minus_beta2;
-    const float denom = sqrtf(s2) * a.inv_sqrt_bc2 + a.eps;
-    const float u = (s1 * a.inv_bc1 + s1b * a.alpha) / denom;
+    const F denom = opt_sqrt(s2) * a.inv_sqrt_bc2 + a.eps;
+    const F u = (s1 * a.inv_bc1 + s1b * a.alpha) / denom;
     p = p * a.decay - u * a.step_size;
     return u;
   } else if (OPT == BNBF_OPT_MOMENTUM) {
-    float d = g + p * a.weight_decay;
+    F d = g + p * a.weight_decay;
     s1 = a.step == 1 ? d : s1 * a.beta1 + d * a.dampening_factor;
     d = a.nesterov ? d + s1 * a.beta1 : s1;
     p = p - d * a.step_size;
@@ -99,16 +102,16 @@ BNBF_HD float opt_rule(float& p, float g, float& s1, float& s1b, float& s2,
     g = g + p * a.weight_decay;
     if (OPT == BNBF_OPT_RMSPROP) s1 = s1 * a.beta1 + (g * g) * a.one_minus_beta1;
     else s1 = s1 + g * g;
-    const float u = g / (sqrtf(s1) + a.eps);
+    const F u = g / (opt_sqrt(s1) + a.eps);
     p = p - u * a.step_size;
     return u;
   } else if (OPT == BNBF_OPT_LION) {
-    const float u = opt_sign(s1 * a.beta1 + g * a.one_minus_beta1);
+    const F u = opt_sign(s1 * a.beta1 + g * a.one_minus_beta1);
     p = p * a.decay - u * a.step_size;
     s1 = s1 * a.beta2 + g * a.one_minus_beta2;
     return u;
   } else {  // LARS
-    const float d = g + p * a.weight_decay;
+    const F d = g + p * a.weight_decay;
     s1 = s1 * a.beta1 + d * a.update_scale;
     p = p - s1 * a.step_size;
     return d;

@@ -43,22 +43,27 @@ inline float block_absmax(const float* x, int64_t n) {
 // ---- one-lookup nearest rounding ----------------------------------------------------------
 // Floats ordered as unsigned integers: ukey(x) = bits ^ 0x80000000 for x >= +0 and ~bits for
 // x < 0, so x <= y <=> ukey(x) <= ukey(y) (-0 is first turned into +0 by adding +0).
-// For each 16-bit bin B of ukeys (the floats whose ukey >> 16 == B) `entry[B]` packs
-//   code_lo << 24 | code_hi << 16 | t,
-// where t is the low 16 bits of the one threshold inside the bin (if any): a float x of
-// the bin rounds to code_hi if (ukey(x) & 0xFFFF) >= t, else to code_lo; a bin without a
-// threshold has code_lo == code_hi. That is QuantMap's count of thresholds <= x, with the
-// guess, the threshold and the stored code in one 4-byte lookup instead of three. Usable
-// when no bin holds two thresholds and none is NaN (true for the dynamic maps); NaN inputs
-// get the code of the smallest value, as QuantMap::nearest gives them.
+// The nearest sorted index of x is the count of thresholds <= x (qmap.h). For each 16-bit
+// bin B of ukeys (the floats whose ukey >> 16 == B), `entry[B]` holds that count in one add:
+//   entry[B] = base << 16 | (0x10000 - t)   (t: low 16 bits of the one threshold in the bin)
+//   entry[B] = base << 16                    (no threshold in the bin, or t == 0 counted
+//                                             in base)
+// where base counts the thresholds below the bin, so that
+//   sorted index = (entry[B] + (ukey & 0xFFFF)) >> 16,
+// the carry out of the low half being exactly [ukey & 0xFFFF >= t]. Usable when no bin
+// holds two thresholds and none is NaN (true for the dynamic maps); NaN inputs use key 0,
+// whose bin holds no threshold and starts below every float: the index of the smallest
+// value, as QuantMap::nearest gives. Maps whose codes are not already ascending translate
+// the index through sorted_to_code afterwards.
 // This is the one exact table behind quantize_scaled (functional quantize and the optimizer
 // requantization). The table spans 256 KiB, but values of one block scaled by its absmax lie
 // in [-1, 1] and mostly within a few decades, so the bins actually touched are a few KiB and
-// stay in L1/L2 beside the kernels' buffers; it beat a 32 KiB clamped-exponent variant inside
-// the optimizer step (fewer instructions per lookup, same number of lookups).
+// stay in L1/L2 beside the kernels' buffers.
 struct PackedNearest {
   bool usable = false;
-  uint8_t nan_code = 0;
+  // No threshold lies between -0 and the smallest positive subnormal: -0 then needs no
+  // "+ 0" to share +0's index (its ukey sits one below +0's, in the bin below).
+  bool zero_safe = false;
   alignas(64) uint32_t entry[65536];
 };
 
@@ -108,7 +113,6 @@ inline __m256i lookup8_bins(const uint32_t* table, const uint32_t* key) {
 #endif
 
 inline void build_packed(const QuantMap& m, PackedNearest& p) {
-  p.nan_code = m.sorted_to_code[0];
   uint32_t tk[255];
   for (int k = 0; k < 255; ++k) {
     if (std::isnan(m.thr[k])) return;  // unusable
@@ -122,11 +126,15 @@ inline void build_packed(const QuantMap& m, PackedNearest& p) {
     int inside = 0;
     while (k + inside < 255 && tk[k + inside] <= hi) ++inside;
     if (inside > 1) return;  // unusable: two thresholds in one bin
-    const uint32_t code_lo = m.sorted_to_code[k];
-    const uint32_t code_hi = inside ? m.sorted_to_code[k + 1] : code_lo;
     const uint32_t t = inside ? (tk[k] & 0xFFFFu) : 0u;
-    p.entry[B] = code_lo << 24 | code_hi << 16 | t;
+    if (!inside) p.entry[B] = (uint32_t)k << 16;
+    else if (t == 0) p.entry[B] = (uint32_t)(k + 1) << 16;
+    else p.entry[B] = ((uint32_t)k << 16) | (0x10000u - t);
   }
+  // -0 and +0 share an index unless a threshold key lies in (ukey(-0), ukey(+0)].
+  p.zero_safe = true;
+  for (int j = 0; j < 255; ++j)
+    if (tk[j] == 0x80000000u) p.zero_safe = false;
   p.usable = true;
 }
 
@@ -194,22 +202,26 @@ inline float block_divisor(float absmax) { return absmax == 0.f ? 1.f : absmax; 
 // value: the NaN code, without a separate select.
 inline uint32_t packed_key(float y) { return std::isnan(y) ? 0u : float_ukey(y); }
 
-inline uint8_t packed_code(uint32_t entry, uint32_t key) {
-  return (uint8_t)((entry & 0xFFFFu) > (key & 0xFFFFu) ? entry >> 24 : (entry >> 16) & 0xFFu);
+inline uint32_t packed_index(uint32_t entry, uint32_t key) {
+  return (entry + (key & 0xFFFFu)) >> 16;
 }
 
 // Elements per pass of the buffered quantization (keys and entries stay in L1).
 constexpr int64_t kQuantChunk = 256;
 
 // out[i] = code index nearest x[i] / divisor. With keep_positive (second moments), a
-// positive x never gets the zero code (QuantMap::min_positive_code instead).
+// positive x never gets the zero code (QuantMap::min_positive_code instead). `absmax` is
+// the block's absmax, NaN if any x is NaN (as block_absmax gives).
 inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uint8_t* out,
                             int64_t n, bool keep_positive = false) {
   const float d = block_divisor(absmax);
   const PackedNearest& packed = packed_nearest(m);
   if (packed.usable) {
+    // A finite absmax means every x, hence every x / d, is finite: the keys need no NaN
+    // mask, and no "+ 0" where -0 already shares +0's index.
+    const bool plain = std::fabs(absmax) <= 3.40282347e+38f && packed.zero_safe;
     // Two passes per chunk: keys (SIMD, all divisions in a row), then the table entries by
-    // scalar loads (see lookup8_bins) and the codes.
+    // scalar loads (see lookup8_bins) and the sorted indices.
     alignas(64) uint32_t key[kQuantChunk];
     for (int64_t c0 = 0; c0 < n; c0 += kQuantChunk) {
       const int64_t len = std::min(kQuantChunk, n - c0);
@@ -219,50 +231,56 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
 #if defined(BNBF_SIMD8)
       const __m256 dv = _mm256_set1_ps(d);
       const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
-      for (; i + 8 <= len; i += 8) {
-        const __m256 q = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(xc + i), dv),
-                                       _mm256_setzero_ps());  // -0 -> +0
+      auto key8 = [&](__m256 q) {
         const __m256i b = _mm256_castps_si256(q);
-        const __m256i k = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), sign));
-        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_UNORD_Q));
-        _mm256_store_si256((__m256i*)(key + i), _mm256_andnot_si256(nan, k));
+        return _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), sign));
+      };
+      if (plain) {
+        for (; i + 8 <= len; i += 8)
+          _mm256_store_si256((__m256i*)(key + i), key8(_mm256_div_ps(_mm256_loadu_ps(xc + i), dv)));
+      } else {
+        for (; i + 8 <= len; i += 8) {
+          const __m256 q = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(xc + i), dv),
+                                         _mm256_setzero_ps());  // -0 -> +0
+          const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_UNORD_Q));
+          _mm256_store_si256((__m256i*)(key + i), _mm256_andnot_si256(nan, key8(q)));
+        }
       }
 #endif
       for (; i < len; ++i) key[i] = packed_key(xc[i] / d);
       i = 0;
 #if defined(BNBF_SIMD8)
-      const __m256i low16 = _mm256_set1_epi32(0xFFFF), byte = _mm256_set1_epi32(0xFF);
-      const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
-      const __m256i min_pos = _mm256_set1_epi32(m.min_positive_code);
-      auto codes8 = [&](int64_t j) {
-        const __m256i e = lookup8_bins(packed.entry, key + j);
-        const __m256i k = _mm256_load_si256((const __m256i*)(key + j));
-        const __m256i below = _mm256_cmpgt_epi32(_mm256_and_si256(e, low16),
-                                                 _mm256_and_si256(k, low16));
-        __m256i c = _mm256_blendv_epi8(_mm256_and_si256(_mm256_srli_epi32(e, 16), byte),
-                                       _mm256_srli_epi32(e, 24), below);
-        if (keep_positive) {
-          const __m256i fix = _mm256_and_si256(
-              _mm256_cmpeq_epi32(c, zero_code),
-              _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(xc + j), _mm256_setzero_ps(),
-                                                _CMP_GT_OQ)));
-          c = _mm256_blendv_epi8(c, min_pos, fix);
+      if (m.identity) {  // the sorted index is the code (other maps: the scalar loop)
+        const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+        const __m256i zero_code = _mm256_set1_epi32(m.zero_code);
+        const __m256i min_pos = _mm256_set1_epi32(m.min_positive_code);
+        auto codes8 = [&](int64_t j) {
+          const __m256i e = lookup8_bins(packed.entry, key + j);
+          const __m256i k = _mm256_load_si256((const __m256i*)(key + j));
+          __m256i c = _mm256_srli_epi32(_mm256_add_epi32(e, _mm256_and_si256(k, low16)), 16);
+          if (keep_positive) {
+            const __m256i fix = _mm256_and_si256(
+                _mm256_cmpeq_epi32(c, zero_code),
+                _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(xc + j), _mm256_setzero_ps(),
+                                                  _CMP_GT_OQ)));
+            c = _mm256_blendv_epi8(c, min_pos, fix);
+          }
+          return c;
+        };
+        // 32 codes per store: two saturating packs (values are 0..255, so nothing
+        // saturates) interleave the 128-bit lanes; one cross-lane permute restores the order.
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (; i + 32 <= len; i += 32) {
+          __m256i ab = _mm256_packus_epi32(codes8(i), codes8(i + 8));
+          __m256i cd = _mm256_packus_epi32(codes8(i + 16), codes8(i + 24));
+          __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+          _mm256_storeu_si256((__m256i*)(oc + i), bytes);
         }
-        return c;
-      };
-      // 32 codes per store: two saturating packs (values are 0..255, so nothing saturates)
-      // interleave the 128-bit lanes; one cross-lane permute restores the order.
-      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-      for (; i + 32 <= len; i += 32) {
-        __m256i ab = _mm256_packus_epi32(codes8(i), codes8(i + 8));
-        __m256i cd = _mm256_packus_epi32(codes8(i + 16), codes8(i + 24));
-        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
-        _mm256_storeu_si256((__m256i*)(oc + i), bytes);
+        for (; i + 8 <= len; i += 8) store_bytes8(oc + i, codes8(i));
       }
-      for (; i + 8 <= len; i += 8) store_bytes8(oc + i, codes8(i));
 #endif
       for (; i < len; ++i) {
-        uint8_t c = packed_code(packed.entry[key[i] >> 16], key[i]);
+        uint8_t c = m.sorted_to_code[packed_index(packed.entry[key[i] >> 16], key[i])];
         if (keep_positive && c == m.zero_code && xc[i] > 0.f) c = m.min_positive_code;
         oc[i] = c;
       }

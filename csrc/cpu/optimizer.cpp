@@ -3,11 +3,13 @@
 // One template (run_blocks) serves all optimizers: the rule (csrc/common/optim_rule.h) is a
 // template parameter, and so are the parameter dtype, the state precision and whether the
 // call only computes norms. Work goes in blocks of 256 elements (the 8-bit quantization
-// block, also used for 32-bit state so both paths share the loop): per block, p/g and the
-// dequantized state are brought into fp32 buffers on the stack, the rule runs over them in
-// a loop the compiler vectorises (no branches: the non-finite-gradient policy is a select),
-// and p and the requantized state are written back. Memory is therefore touched once per
-// step: read p, g, codes, absmax; write p, codes, absmax.
+// block, also used for 32-bit state so both paths share the loop). Per block:
+//   1. one pass over the block in lanes of 8 (csrc/cpu/lanes.h; a scalar tail): load p and
+//      g, dequantize the state codes, apply the rule where the gradient is finite, store p,
+//      keep the new fp32 state in L1 buffers and track each state's absmax;
+//   2. requantize each state buffer with the block's new absmax (blockquant.h).
+// 32-bit state is read and written in place in step 1 and has no step 2. Memory is
+// therefore touched once per step: read p, g, codes, absmax; write p, codes, absmax.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -17,6 +19,7 @@
 
 #include "blockquant.h"
 #include "kernels.h"
+#include "lanes.h"
 #include "optim_rule.h"
 #include "runtime.h"
 
@@ -27,46 +30,6 @@ namespace {
 // Blocks per thread chunk: 64 blocks = 16k elements, so tensors below that stay on the
 // calling thread (waking the pool costs more than the work).
 constexpr int64_t kGrainBlocks = 64;
-
-// The rule over one block, in place. Distinct tensors never overlap, hence __restrict.
-template <int OPT>
-void update_loop(float* __restrict P, const float* __restrict G, float* __restrict S1,
-                 float* __restrict S1B, float* __restrict S2, int64_t len,
-                 const bnbf_optim_args& args) {
-  using T = OptTraits<OPT>;
-  const bnbf_optim_args a = args;  // a local copy: provably not aliased by the stores
-  for (int64_t i = 0; i < len; ++i) {
-    const float g = G[i];
-    const bool ok = opt_finite(g);
-    const float p = P[i], s1 = S1[i];
-    const float s1b = T::has_m2 ? S1B[i] : 0.f, s2 = T::two_state ? S2[i] : 0.f;
-    float np = p, n1 = s1, n1b = s1b, n2 = s2;
-    opt_rule<OPT>(np, g * a.gnorm_scale, n1, n1b, n2, a);
-    P[i] = opt_select(ok, np, p);
-    S1[i] = opt_select(ok, n1, s1);
-    if (T::has_m2) S1B[i] = opt_select(ok, n1b, s1b);
-    if (T::two_state) S2[i] = opt_select(ok, n2, s2);
-  }
-}
-
-// Directions and parameters of one block for the norms (0 where the gradient is not finite).
-template <int OPT>
-void norms_loop(const float* __restrict P, const float* __restrict G, const float* __restrict S1,
-                const float* __restrict S1B, const float* __restrict S2, int64_t len,
-                const bnbf_optim_args& args, float* __restrict D, float* __restrict PP) {
-  using T = OptTraits<OPT>;
-  const bnbf_optim_args a = args;
-  for (int64_t i = 0; i < len; ++i) {
-    const float g = G[i];
-    const bool ok = opt_finite(g);
-    float p = P[i], s1 = S1[i];
-    float s1b = T::has_m2 ? S1B[i] : 0.f, s2 = T::two_state ? S2[i] : 0.f;
-    const float p0 = p;
-    const float d = opt_rule<OPT>(p, g * a.gnorm_scale, s1, s1b, s2, a);
-    D[i] = ok ? d : 0.f;
-    PP[i] = ok ? p0 : 0.f;
-  }
-}
 
 struct Ctx {
   void* p;
@@ -107,38 +70,113 @@ inline void prefetch_block(const Ctx& c, int64_t start) {
   }
 }
 
+// Where one block's elements live during step 1: p and g in the caller's tensors, the
+// states either in the caller's fp32 tensors (32-bit) or in L1 buffers that step 1 fills
+// by dequantizing and step 2 requantizes (8-bit).
+struct BlockRefs {
+  void* p;
+  const void* g;
+  int64_t start;                 // first element of the block in p and g
+  const uint8_t *c1, *c1b, *c2;  // 8-bit: the block's codes
+  float a1, a1b, a2;             // 8-bit: the block's absmax before the update
+  float *s1, *s1b, *s2;          // the fp32 states, indexed from the block start
+  float *d, *pp;                 // norms: direction and parameter, 0 where g is not finite
+};
+
+// Step 1 for the W elements at offset i of a block.
+template <int OPT, int DT, bool Q8, bool NORMS, class L>
+inline __attribute__((always_inline)) void update_lanes(
+    const BlockRefs& r, int64_t i, const bnbf_optim_args& a, const QuantMap* map1,
+    const QuantMap* map2, typename Lanes<L>::AbsAcc& m1, typename Lanes<L>::AbsAcc& m1b,
+    typename Lanes<L>::AbsAcc& m2) {
+  using T = OptTraits<OPT>;
+  using V = Lanes<L>;
+  const L g = V::template load<DT>(r.g, r.start + i);
+  const L p = V::template load<DT>(r.p, r.start + i);
+  L s1, s1b{}, s2{};
+  if (Q8) {
+    s1 = V::dequantize(map1->code, r.c1 + i, r.a1);
+    if (T::has_m2) s1b = V::dequantize(map1->code, r.c1b + i, r.a1b);
+    if (T::two_state) s2 = V::dequantize(map2->code, r.c2 + i, r.a2);
+  } else {
+    s1 = V::template load<BNBF_F32>(r.s1, i);
+    if (T::has_m2) s1b = V::template load<BNBF_F32>(r.s1b, i);
+    if (T::two_state) s2 = V::template load<BNBF_F32>(r.s2, i);
+  }
+  const typename V::Mask ok = V::finite(g);
+  L np = p, n1 = s1, n1b = s1b, n2 = s2;
+  const L d = opt_rule<OPT>(np, a.gnorm_scale == 1.f ? g : g * a.gnorm_scale, n1, n1b, n2, a);
+  if (NORMS) {
+    const L zero{};
+    V::template store<BNBF_F32>(r.d, i, V::select(ok, d, zero));
+    V::template store<BNBF_F32>(r.pp, i, V::select(ok, p, zero));
+    return;
+  }
+  V::template store<DT>(r.p, r.start + i, V::select(ok, np, p));
+  n1 = V::select(ok, n1, s1);
+  V::template store<BNBF_F32>(r.s1, i, n1);
+  if (Q8) m1 = V::abs_max(m1, n1);
+  if (T::has_m2) {
+    n1b = V::select(ok, n1b, s1b);
+    V::template store<BNBF_F32>(r.s1b, i, n1b);
+    if (Q8) m1b = V::abs_max(m1b, n1b);
+  }
+  if (T::two_state) {
+    n2 = V::select(ok, n2, s2);
+    V::template store<BNBF_F32>(r.s2, i, n2);
+    if (Q8) m2 = V::abs_max(m2, n2);
+  }
+}
+
+// Step 1 over len elements: vector lanes, then the scalar tail; returns the abs bits of
+// the new states' absmax (8-bit).
+template <int OPT, int DT, bool Q8, bool NORMS>
+void update_block(const BlockRefs& r, int64_t len, const bnbf_optim_args& a,
+                  const QuantMap* map1, const QuantMap* map2, uint32_t out_abs[3]) {
+  using VL = Lanes<VecLane>;
+  typename VL::AbsAcc v1 = VL::abs_init(), v1b = v1, v2 = v1;
+  int64_t i = 0;
+  for (; i + VL::W <= len; i += VL::W)
+    update_lanes<OPT, DT, Q8, NORMS, VecLane>(r, i, a, map1, map2, v1, v1b, v2);
+  uint32_t t1 = 0, t1b = 0, t2 = 0;
+  for (; i < len; ++i) update_lanes<OPT, DT, Q8, NORMS, float>(r, i, a, map1, map2, t1, t1b, t2);
+  out_abs[0] = std::max(VL::abs_reduce(v1), t1);
+  out_abs[1] = std::max(VL::abs_reduce(v1b), t1b);
+  out_abs[2] = std::max(VL::abs_reduce(v2), t2);
+}
+
 template <int OPT, int DT, bool Q8, bool NORMS>
 void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
   using T = OptTraits<OPT>;
-  alignas(64) float P[kOptimBlock], G[kOptimBlock], S1[kOptimBlock], S1B[kOptimBlock],
-      S2[kOptimBlock], D[kOptimBlock], PP[kOptimBlock];
+  alignas(64) float S1[kOptimBlock], S1B[kOptimBlock], S2[kOptimBlock], D[kOptimBlock],
+      PP[kOptimBlock];
   uint8_t* codes1 = (uint8_t*)c.s1;
   uint8_t* codes2 = (uint8_t*)c.s2;
+  const bnbf_optim_args a = *c.args;  // a local copy: provably not aliased by the stores
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kOptimBlock, len = std::min(kOptimBlock, c.n - start);
     if (b + kPrefetchBlocks < c.nblocks) prefetch_block<OPT, DT, Q8>(c, start + kPrefetchBlocks * kOptimBlock);
-    float* pp = P;
-    const float* gp = G;
-    if (DT == BNBF_F32) {
-      pp = (float*)c.p + start;
-      gp = (const float*)c.g + start;
-    } else {
-      load_f32<DT>(c.p, start, P, len);
-      load_f32<DT>(c.g, start, G, len);
-    }
-    float *s1p = S1, *s1bp = S1B, *s2p = S2;
+    BlockRefs r{c.p, c.g, start, nullptr, nullptr, nullptr, 0.f, 0.f, 0.f,
+                S1, S1B, S2, D, PP};
     if (Q8) {
-      dequantize_scaled(*c.map1, codes1 + start, c.absmax1[b], S1, len);
-      if (T::has_m2)
-        dequantize_scaled(*c.map1, codes1 + c.n + start, c.absmax1[c.nblocks + b], S1B, len);
-      if (T::two_state) dequantize_scaled(*c.map2, codes2 + start, c.absmax2[b], S2, len);
+      r.c1 = codes1 + start;
+      r.a1 = c.absmax1[b];
+      if (T::has_m2) {
+        r.c1b = codes1 + c.n + start;
+        r.a1b = c.absmax1[c.nblocks + b];
+      }
+      if (T::two_state) {
+        r.c2 = codes2 + start;
+        r.a2 = c.absmax2[b];
+      }
     } else {
-      s1p = (float*)c.s1 + start;
-      if (T::has_m2) s1bp = (float*)c.s1 + c.n + start;
-      if (T::two_state) s2p = (float*)c.s2 + start;
+      r.s1 = (float*)c.s1 + start;
+      if (T::has_m2) r.s1b = (float*)c.s1 + c.n + start;
+      if (T::two_state) r.s2 = (float*)c.s2 + start;
     }
+    uint32_t abs[3];
+    update_block<OPT, DT, Q8, NORMS>(r, len, a, c.map1, c.map2, abs);
     if (NORMS) {
-      norms_loop<OPT>(pp, gp, s1p, s1bp, s2p, len, *c.args, D, PP);
       double sd = 0.0, sp = 0.0;
       for (int64_t i = 0; i < len; ++i) {
         sd += (double)D[i] * (double)D[i];
@@ -148,19 +186,17 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       c.partial[2 * b + 1] = sp;
       continue;
     }
-    update_loop<OPT>(pp, gp, s1p, s1bp, s2p, len, *c.args);
-    if (DT != BNBF_F32) store_f32<DT>(P, c.p, start, len);
     if (Q8) {
-      float m = block_absmax(S1, len);
+      float m = absmax_from_bits(abs[0]);
       c.absmax1[b] = m;
       quantize_scaled(*c.map1, S1, m, codes1 + start, len, T::keep_positive1);
       if (T::has_m2) {
-        m = block_absmax(S1B, len);
+        m = absmax_from_bits(abs[1]);
         c.absmax1[c.nblocks + b] = m;
         quantize_scaled(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
       }
       if (T::two_state) {
-        m = block_absmax(S2, len);
+        m = absmax_from_bits(abs[2]);
         c.absmax2[b] = m;
         quantize_scaled(*c.map2, S2, m, codes2 + start, len, T::keep_positive2);
       }

@@ -1,0 +1,121 @@
+// Lane types of the CPU optimizer kernels: `float` (one element) and, with AVX2, `F8`
+// (eight elements in a __m256). The update rules (csrc/common/optim_rule.h) are templates
+// over the lane type, so one rule source serves the scalar tails, the vector body and CUDA.
+//
+// Every F8 operator is the single IEEE float32 instruction of its scalar counterpart
+// (contraction is off, see CMakeLists.txt), so a lane of F8 computes bit for bit what the
+// float code computes. Lanes<L> gathers what the kernel needs besides arithmetic: loads and
+// stores in the parameter dtype, the state dequantization, the finite-gradient mask and
+// the running absmax.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "blockquant.h"
+#include "optim_rule.h"
+#include "simd.h"
+
+namespace bnbf {
+namespace BNBF_ISA_NS {
+
+// max |x| as the bits of |x| compared as integers: for non-negative floats integer order is
+// float order, and every NaN (0x7F800001 and above once the sign is cleared) compares
+// above +inf, so one integer max gives the absmax and propagates NaN.
+inline uint32_t abs_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b & 0x7FFFFFFFu;
+}
+
+// The absmax of accumulated abs bits: a quiet NaN if any value was NaN.
+inline float absmax_from_bits(uint32_t b) {
+  if (b > 0x7F800000u) b = 0x7FC00000u;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+template <class L>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static constexpr int W = 1;
+  using Mask = bool;
+  using AbsAcc = uint32_t;
+  template <int DT>
+  static float load(const void* p, int64_t i) { return load1<DT>(p, i); }
+  template <int DT>
+  static void store(void* p, int64_t i, float v) { store1<DT>(p, i, v); }
+  static float dequantize(const float* code, const uint8_t* c, float absmax) {
+    return code[*c] * absmax;
+  }
+  static Mask finite(float g) { return opt_finite(g); }
+  static float select(Mask m, float a, float b) { return opt_select(m, a, b); }
+  static AbsAcc abs_init() { return 0u; }
+  static AbsAcc abs_max(AbsAcc acc, float x) {
+    const uint32_t b = abs_bits(x);
+    return b > acc ? b : acc;
+  }
+  static uint32_t abs_reduce(AbsAcc acc) { return acc; }
+};
+
+#if defined(BNBF_SIMD8)
+#define BNBF_LANE inline __attribute__((always_inline))
+
+struct F8 {
+  __m256 v;
+};
+BNBF_LANE F8 operator+(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+BNBF_LANE F8 operator-(F8 a, F8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+BNBF_LANE F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+BNBF_LANE F8 operator/(F8 a, F8 b) { return {_mm256_div_ps(a.v, b.v)}; }
+BNBF_LANE F8 operator+(F8 a, float b) { return a + F8{_mm256_set1_ps(b)}; }
+BNBF_LANE F8 operator-(F8 a, float b) { return a - F8{_mm256_set1_ps(b)}; }
+BNBF_LANE F8 operator*(F8 a, float b) { return a * F8{_mm256_set1_ps(b)}; }
+BNBF_LANE F8 operator/(F8 a, float b) { return a / F8{_mm256_set1_ps(b)}; }
+BNBF_LANE F8 opt_sqrt(F8 a) { return {_mm256_sqrt_ps(a.v)}; }
+// (x > 0) - (x < 0) lane by lane, as the scalar opt_sign; NaN gives 0.
+BNBF_LANE F8 opt_sign(F8 x) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  return F8{_mm256_and_ps(_mm256_cmp_ps(x.v, zero, _CMP_GT_OQ), one)} -
+         F8{_mm256_and_ps(_mm256_cmp_ps(x.v, zero, _CMP_LT_OQ), one)};
+}
+
+template <>
+struct Lanes<F8> {
+  static constexpr int W = 8;
+  using Mask = __m256;
+  using AbsAcc = __m256i;
+  template <int DT>
+  static F8 load(const void* p, int64_t i) { return {load8<DT>(p, i)}; }
+  template <int DT>
+  static void store(void* p, int64_t i, F8 v) { store8<DT>(p, i, v.v); }
+  static F8 dequantize(const float* code, const uint8_t* c, float absmax) {
+    return F8{lookup8_bytes(code, c)} * absmax;
+  }
+  static Mask finite(F8 g) {
+    const __m256 abs = _mm256_and_ps(g.v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+    return _mm256_cmp_ps(abs, _mm256_set1_ps(3.40282347e+38f), _CMP_LE_OQ);
+  }
+  static F8 select(Mask m, F8 a, F8 b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
+  static AbsAcc abs_init() { return _mm256_setzero_si256(); }
+  static AbsAcc abs_max(AbsAcc acc, F8 x) {
+    const __m256i b = _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF));
+    return _mm256_max_epu32(acc, b);
+  }
+  static uint32_t abs_reduce(AbsAcc acc) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(m);
+  }
+};
+#undef BNBF_LANE
+using VecLane = F8;
+#else
+using VecLane = float;
+#endif
+
+}  // namespace BNBF_ISA_NS
+}  // namespace bnbf
