@@ -2,10 +2,12 @@
 torch.optim.AdamW (fused=True and foreach=True), bitsandbytes AdamW8bit and torchao AdamW8bit
 (when importable), all in one run on the same tensors.
 
-Per configuration (size x dtype) every optimizer takes `--warmup` untimed steps and then
-`--repeats` timed steps on a parameter of that many elements; the table shows the median
-step time as Mparam/s, the optimizer state in bytes per parameter (counted from the state
-tensors), and the throughput relative to torch's fused AdamW measured in the same run.
+Per configuration (size x dtype) every optimizer takes `--warmup` untimed steps on its own
+parameter of that many elements, then `--repeats` timed rounds in which each optimizer
+steps once in turn (so a slow spell of a shared machine hits all of them alike); the
+table shows the median step time as Mparam/s, the optimizer state in bytes per parameter
+(counted from the state tensors), and the throughput relative to torch's fused AdamW
+measured in the same rounds.
 
 bnbfuse is driven through its optimizer classes (``bnbfuse.optim.AdamW8bit`` /
 ``AdamW32bit``), exactly as a user calls it.
@@ -89,33 +91,58 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_one(factory, numel, dtype, device, warmup, repeats, slow_budget_s):
+def make_run(factory, numel, dtype, device):
+    """A parameter with a gradient and its optimizer: the same values for every contender."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     p = torch.nn.Parameter(torch.randn(numel, generator=gen).to(device=device, dtype=dtype))
     p.grad = (torch.randn(numel, generator=gen) * 1e-2).to(device=device, dtype=dtype)
-    opt = factory([p])
-    times = []
-    t_first = None
-    for i in range(warmup + repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        sync(device)
-        dt = time.perf_counter() - t0
-        if i == 0:
-            t_first = dt
-        if i >= warmup:
-            times.append(dt)
-        # very slow implementations: stop after one timed step once over the budget
-        if i >= warmup and t_first > slow_budget_s:
-            break
-        if i == 0 and t_first > slow_budget_s and warmup > 0:
-            warmup = 1
-    if not torch.isfinite(p.detach()).all():
-        raise RuntimeError("non-finite parameters after the steps")
-    med = statistics.median(times)
-    return dict(seconds=med, mparam_s=numel / med / 1e6, state_bytes_per_param=state_bytes(opt) / numel,
-                repeats=len(times))
+    return p, factory([p])
+
+
+def timed_step(opt, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    opt.step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s):
+    """Median step time of every contender for one (size, dtype), measured round-robin.
+
+    The timed steps are interleaved (round r steps every contender once) so that a change
+    in the machine's speed during the run (shared CPUs and memory bandwidth on a VM) hits
+    all contenders alike and the ratios stay fair. A contender whose first step takes
+    longer than `slow_budget_s` gets one warmup and a single timed step.
+    """
+    runs, rows = {}, {}
+    for name, factory in factories:
+        try:
+            p, opt = make_run(factory, numel, dtype, device)
+            first = timed_step(opt, device)
+            n_warm = 1 if first > slow_budget_s else warmup
+            for _ in range(n_warm - 1):
+                timed_step(opt, device)
+            runs[name] = (p, opt, 1 if first > slow_budget_s else repeats, [])
+        except Exception as err:  # noqa: BLE001 - report and continue with the others
+            rows[name] = dict(error=f"{type(err).__name__}: {err}"[:300])
+    for r in range(repeats):
+        for name, (p, opt, want, times) in runs.items():
+            if r < want:
+                try:
+                    times.append(timed_step(opt, device))
+                except Exception as err:  # noqa: BLE001
+                    rows[name] = dict(error=f"{type(err).__name__}: {err}"[:300])
+    for name, (p, opt, want, times) in runs.items():
+        if name in rows:
+            continue
+        if not torch.isfinite(p.detach()).all():
+            rows[name] = dict(error="RuntimeError: non-finite parameters after the steps")
+            continue
+        med = statistics.median(times)
+        rows[name] = dict(seconds=med, mparam_s=numel / med / 1e6,
+                          state_bytes_per_param=state_bytes(opt) / numel, repeats=len(times))
+    return rows
 
 
 def main(argv=None):
@@ -133,6 +160,7 @@ def main(argv=None):
                     help="seconds: a step slower than this is timed once")
     ap.add_argument("--max-slow-size", type=float, default=16,
                     help="millions: skip bitsandbytes/torchao (CPU) above this size")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--out", default="benchmarks/results/optimizer_step",
                     help="path prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
@@ -148,22 +176,24 @@ def main(argv=None):
         cands = [c for c in cands if any(k in c[0].lower() for k in keys)]
     from tqdm import tqdm
 
-    jobs = [(s, d, c) for s in sizes for d in dtypes for c in cands]
     results = []
-    for size, dname, (name, factory) in tqdm(jobs, desc="optimizer steps", unit="run"):
-        numel = int(size * 1_000_000) if size >= 1 else int(size * 1_000_000)
-        third_party = name.startswith(("bitsandbytes", "torchao"))
-        row = dict(optimizer=name, size_m=size, numel=numel, dtype=dname)
-        if third_party and device.type == "cpu" and size > args.max_slow_size:
-            row["skipped"] = f"size above --max-slow-size {args.max_slow_size}M"
-            results.append(row)
-            continue
-        try:
-            row.update(bench_one(factory, numel, DTYPES[dname], device, args.warmup,
-                                 args.repeats, args.slow_budget))
-        except Exception as err:  # noqa: BLE001 - report and continue with the others
-            row["error"] = f"{type(err).__name__}: {err}"[:300]
-        results.append(row)
+    configs = [(s, d) for s in sizes for d in dtypes]
+    for size, dname in tqdm(configs, desc="optimizer steps", unit="config",
+                            disable=args.no_progress):
+        numel = int(size * 1_000_000)
+        factories = []
+        for name, factory in cands:
+            third_party = name.startswith(("bitsandbytes", "torchao"))
+            if third_party and device.type == "cpu" and size > args.max_slow_size:
+                results.append(dict(optimizer=name, size_m=size, numel=numel, dtype=dname,
+                                    skipped=f"size above --max-slow-size {args.max_slow_size}M"))
+            else:
+                factories.append((name, factory))
+        rows = bench_config(factories, numel, DTYPES[dname], device, args.warmup, args.repeats,
+                            args.slow_budget)
+        for name, _ in factories:
+            results.append(dict(optimizer=name, size_m=size, numel=numel, dtype=dname,
+                                **rows[name]))
 
     # ratios vs torch fused in the same run
     fused = {(r["size_m"], r["dtype"]): r.get("mparam_s") for r in results

@@ -167,6 +167,36 @@ def test_memory_benchmark_tiny(tmp_path):
     assert (tmp_path / "memory_tiny.png").exists() == _have("matplotlib")
 
 
+def test_optimizer_step_benchmark_tiny(tmp_path):
+    pytest.importorskip("tqdm", reason="the benchmarks need the bench extra")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import optimizer_step
+    finally:
+        sys.path.pop(0)
+    numel = 100_000
+    threads = torch.get_num_threads()  # main() sets --threads
+    try:
+        optimizer_step.main(["--sizes", "0.1", "--dtypes", "fp32,bf16", "--repeats", "3",
+                             "--only", "fused,bnbfuse", "--no-progress",
+                             "--out", str(tmp_path / "step")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "step.json").read_text())
+    rows = {(r["optimizer"], r["dtype"]): r for r in data["results"]}
+    assert set(rows) == {(o, d) for o in ("torch AdamW fused", "bnbfuse AdamW8bit",
+                                          "bnbfuse AdamW32bit") for d in ("fp32", "bf16")}
+    for (name, dtype), r in rows.items():
+        assert "error" not in r, r
+        assert r["numel"] == numel and r["repeats"] == 3 and r["mparam_s"] > 0
+        assert r["vs_torch_fused"] > 0
+    # codes (2 bytes) + two absmax floats per 256 + two 256-float maps, per parameter
+    eight = rows[("bnbfuse AdamW8bit", "fp32")]["state_bytes_per_param"]
+    assert 2.0 < eight < 2.0 + (8 / 256 + 2048 / numel + 0.001)
+    assert 8.0 <= rows[("bnbfuse AdamW32bit", "fp32")]["state_bytes_per_param"] < 8.001
+    assert rows[("torch AdamW fused", "fp32")]["vs_torch_fused"] == 1.0
+
+
 def test_train_parity_ci(tmp_path):
     _run_script(["benchmarks/train_parity.py", "--ci"], tmp_path)
     data = json.loads((tmp_path / "train_parity_ci.json").read_text())
