@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -17,27 +16,47 @@
 namespace bnbf {
 namespace BNBF_ISA_NS {
 
+// Block absmax as the bits of |x| compared as integers: for non-negative floats integer
+// order is float order, and every NaN (0x7F800001 and above once the sign is cleared)
+// compares above +inf, so one integer max gives the absmax and propagates NaN.
+inline uint32_t abs_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b & 0x7FFFFFFFu;
+}
+
+// The absmax of accumulated abs bits: a quiet NaN if any value was NaN.
+inline float absmax_from_bits(uint32_t b) {
+  if (b > 0x7F800000u) b = 0x7FC00000u;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+#if defined(BNBF_SIMD8)
+inline __m256i abs_bits8(__m256 x) {
+  return _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF));
+}
+
+inline uint32_t hmax8_u32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+  return (uint32_t)_mm_cvtsi128_si32(m);
+}
+#endif
+
 // max |x|; NaN if any x is NaN (the block's codes are then unspecified but in range).
 inline float block_absmax(const float* x, int64_t n) {
-  float m = 0.f;
-  bool nan = false;
+  uint32_t m = 0;
   int64_t i = 0;
 #if defined(BNBF_SIMD8)
-  __m256 acc = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    acc = _mm256_max_ps(acc, abs8(v));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  m = hmax8(acc);
-  nan = _mm256_movemask_ps(bad) != 0;
+  __m256i acc = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) acc = _mm256_max_epu32(acc, abs_bits8(_mm256_loadu_ps(x + i)));
+  m = hmax8_u32(acc);
 #endif
-  for (; i < n; ++i) {
-    float a = std::fabs(x[i]);
-    nan |= std::isnan(a);
-    m = a > m ? a : m;
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  for (; i < n; ++i) m = std::max(m, abs_bits(x[i]));
+  return absmax_from_bits(m);
 }
 
 // ---- one-lookup nearest rounding ----------------------------------------------------------

@@ -6,10 +6,10 @@
 // (contraction is off, see CMakeLists.txt), so a lane of F8 computes bit for bit what the
 // float code computes. Lanes<L> gathers what the kernel needs besides arithmetic: loads and
 // stores in the parameter dtype, the state dequantization, the finite-gradient mask and
-// the running absmax.
+// the running absmax (integer bits, see abs_bits in blockquant.h).
 #pragma once
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "blockquant.h"
 #include "optim_rule.h"
@@ -17,23 +17,6 @@
 
 namespace bnbf {
 namespace BNBF_ISA_NS {
-
-// max |x| as the bits of |x| compared as integers: for non-negative floats integer order is
-// float order, and every NaN (0x7F800001 and above once the sign is cleared) compares
-// above +inf, so one integer max gives the absmax and propagates NaN.
-inline uint32_t abs_bits(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b & 0x7FFFFFFFu;
-}
-
-// The absmax of accumulated abs bits: a quiet NaN if any value was NaN.
-inline float absmax_from_bits(uint32_t b) {
-  if (b > 0x7F800000u) b = 0x7FC00000u;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
 
 template <class L>
 struct Lanes;
@@ -53,10 +36,7 @@ struct Lanes<float> {
   static Mask finite(float g) { return opt_finite(g); }
   static float select(Mask m, float a, float b) { return opt_select(m, a, b); }
   static AbsAcc abs_init() { return 0u; }
-  static AbsAcc abs_max(AbsAcc acc, float x) {
-    const uint32_t b = abs_bits(x);
-    return b > acc ? b : acc;
-  }
+  static AbsAcc abs_max(AbsAcc acc, float x) { return std::max(acc, abs_bits(x)); }
   static uint32_t abs_reduce(AbsAcc acc) { return acc; }
 };
 
@@ -100,16 +80,8 @@ struct Lanes<F8> {
   }
   static F8 select(Mask m, F8 a, F8 b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
   static AbsAcc abs_init() { return _mm256_setzero_si256(); }
-  static AbsAcc abs_max(AbsAcc acc, F8 x) {
-    const __m256i b = _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF));
-    return _mm256_max_epu32(acc, b);
-  }
-  static uint32_t abs_reduce(AbsAcc acc) {
-    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
-    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
-    return (uint32_t)_mm_cvtsi128_si32(m);
-  }
+  static AbsAcc abs_max(AbsAcc acc, F8 x) { return _mm256_max_epu32(acc, abs_bits8(x.v)); }
+  static uint32_t abs_reduce(AbsAcc acc) { return hmax8_u32(acc); }
 };
 #undef BNBF_LANE
 using VecLane = F8;

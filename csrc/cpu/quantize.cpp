@@ -1,6 +1,5 @@
 // Blockwise quantize / dequantize of fp32, fp16 and bf16 tensors (one pass each).
 #include <algorithm>
-#include <limits>
 
 #include "blockquant.h"
 #include "kernels.h"
@@ -23,26 +22,21 @@ float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int6
 template <int DT>
 static float to_f32_absmax(const void* A, int64_t off, float* buf, int64_t len) {
   int64_t i = 0;
-  float m = 0.f;
-  bool nan = false;
+  uint32_t m = 0;
 #if defined(BNBF_SIMD8)
-  __m256 acc = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  __m256i acc = _mm256_setzero_si256();
   for (; i + 8 <= len; i += 8) {
-    __m256 v = load8<DT>(A, off + i);
+    const __m256 v = load8<DT>(A, off + i);
     _mm256_storeu_ps(buf + i, v);
-    acc = _mm256_max_ps(acc, abs8(v));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    acc = _mm256_max_epu32(acc, abs_bits8(v));
   }
-  m = hmax8(acc);
-  nan = _mm256_movemask_ps(bad) != 0;
+  m = hmax8_u32(acc);
 #endif
   for (; i < len; ++i) {
     buf[i] = load1<DT>(A, off + i);
-    float a = std::fabs(buf[i]);
-    nan |= std::isnan(a);
-    m = a > m ? a : m;
+    m = std::max(m, abs_bits(buf[i]));
   }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  return absmax_from_bits(m);
 }
 
 void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* absmax,
