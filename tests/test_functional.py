@@ -238,6 +238,11 @@ def test_nan_block_absmax_is_nan_and_codes_stay_in_range():
     good, _ = F.quantize_blockwise(x[:256], blocksize=256)
     assert torch.equal(codes[:256], good)  # other blocks are unaffected
     assert torch.isnan(F.dequantize_blockwise(codes, state)[256:512]).all()
+    # A NaN block's codes are those of NaN (the smallest value's index), the same in the
+    # native kernels and the pure-PyTorch reference.
+    from bnbfuse.backends import reference as R
+    want, want_absmax = R.quantize_blockwise(x, F.dynamic_map(True), 256)
+    assert torch.equal(codes, want) and codes[256:512].eq(0).all()
 
 
 # ---- shapes, layouts, dtypes ------------------------------------------------------------------

@@ -24,10 +24,15 @@ def nearest_thresholds(code: torch.Tensor):
 
 
 def quantize_to_map(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index (uint8) of the value of ``code`` nearest each element of fp32 ``x``."""
+    """Index (uint8) of the value of ``code`` nearest each element of fp32 ``x``.
+
+    NaN counts no threshold (compares are false) and gets the smallest value's index, as in
+    the native kernels; ``searchsorted`` alone would sort it above every threshold.
+    """
     thr, order = nearest_thresholds(code.to(x.device))
-    return order[torch.searchsorted(thr, x.reshape(-1).contiguous(), right=True).clamp_(max=255)] \
-        .to(torch.uint8).view(x.shape)
+    flat = x.reshape(-1).contiguous()
+    rank = torch.searchsorted(thr, flat, right=True).clamp_(max=255).masked_fill_(flat.isnan(), 0)
+    return order[rank].to(torch.uint8).view(x.shape)
 
 
 def _blocks(A: torch.Tensor, blocksize: int) -> torch.Tensor:
