@@ -45,31 +45,6 @@ struct Ctx {
   double* partial;  // norms: 2 doubles per block
 };
 
-// Software prefetch of a block a few blocks ahead. Each block is read in short bursts per
-// stream (p, g, the codes) separated by compute on L1 buffers, which the hardware
-// prefetchers follow poorly: without this the rule loop stalls on p and g.
-constexpr int64_t kPrefetchBlocks = 8;
-
-template <int OPT, int DT, bool Q8>
-inline void prefetch_block(const Ctx& c, int64_t start) {
-  using T = OptTraits<OPT>;
-  constexpr int64_t es = DT == BNBF_F32 ? 4 : 2;
-  const char* p = (const char*)c.p + start * es;
-  const char* g = (const char*)c.g + start * es;
-  for (int64_t o = 0; o < kOptimBlock * es; o += 64) {
-    __builtin_prefetch(p + o, 1);
-    __builtin_prefetch(g + o, 0);
-  }
-  const int64_t ss = Q8 ? 1 : 4;
-  const char* s1 = (const char*)c.s1 + start * ss;
-  const char* s2 = (const char*)c.s2 + start * ss;
-  for (int64_t o = 0; o < kOptimBlock * ss; o += 64) {
-    __builtin_prefetch(s1 + o, 1);
-    if (T::has_m2) __builtin_prefetch(s1 + c.n * ss + o, 1);
-    if (T::two_state) __builtin_prefetch(s2 + o, 1);
-  }
-}
-
 // Where one block's elements live during step 1: p and g in the caller's tensors, the
 // states either in the caller's fp32 tensors (32-bit) or in L1 buffers that step 1 fills
 // by dequantizing and step 2 requantizes (8-bit).
@@ -155,7 +130,6 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
   const bnbf_optim_args a = *c.args;  // a local copy: provably not aliased by the stores
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kOptimBlock, len = std::min(kOptimBlock, c.n - start);
-    if (b + kPrefetchBlocks < c.nblocks) prefetch_block<OPT, DT, Q8>(c, start + kPrefetchBlocks * kOptimBlock);
     BlockRefs r{c.p, c.g, start, nullptr, nullptr, nullptr, 0.f, 0.f, 0.f,
                 S1, S1B, S2, D, PP};
     if (Q8) {
