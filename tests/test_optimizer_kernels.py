@@ -656,6 +656,69 @@ def test_cuda_equals_reference(opt, dtype, eight_bit):
         torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opt", ["adamw", "ademamix", "rmsprop", "lion"])
+def test_cuda_non_finite_state_blocks_equal_reference(opt, dtype):
+    # As test_native_equals_reference_non_finite_state_blocks, on the GPU: an overflowing
+    # second moment, a NaN absmax and a NaN parameter (its bits must stay as they were).
+    n = 1024
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    p0[700] = float("nan")
+    p0 = p0.to(dtype)
+    sr = make_state(opt, n, True)
+    sr[2][..., 3] = float("nan")
+    sc = [t if t is None else t.cuda() for t in sr]
+    pc, pr = p0.cuda(), p0.clone()
+    g = torch.randn(n, generator=torch.Generator().manual_seed(4)) * 1e-3
+    g[5], g[300], g[700] = 3e25, -2e30, float("nan")
+    g = g.to(dtype)
+    for step in (1, 2):
+        run_update(ops.optimizer_update_8bit_blockwise, opt, pc, g.cuda(), sc, True, step)
+        run_update(R.optimizer_update_8bit_blockwise, opt, pr, g, sr, True, step)
+        assert torch.equal(pc.cpu().isnan(), pr.isnan())
+        assert bits_equal(pc.cpu()[700:701], p0[700:701])  # untouched NaN keeps its bits
+        assert bits_equal(torch.nan_to_num(pc.cpu()), torch.nan_to_num(pr)), f"{opt} step={step}"
+        for a, b in zip(sc, sr):
+            if a is not None:
+                a = a.cpu()
+                assert torch.equal(a.isnan(), b.isnan()) if a.is_floating_point() else True
+                assert bits_equal(torch.nan_to_num(a) if a.is_floating_point() else a,
+                                  torch.nan_to_num(b) if b.is_floating_point() else b)
+
+
+@pytest.mark.cuda
+def test_cuda_optimizer_runs_on_the_tensors_device_and_refuses_host_memory():
+    n = 5000
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 1e-2
+    state = make_state("adamw", n, True)
+    pr = p0.clone()
+    sr = clone_all(state)
+    run_update(R.optimizer_update_8bit_blockwise, "adamw", pr, g, sr, True, 1)
+    last = torch.device("cuda", torch.cuda.device_count() - 1)
+    with torch.cuda.device(0):  # the current device need not be the tensors' one
+        pc = p0.to(last)
+        sc = [t if t is None else t.to(last) for t in state]
+        run_update(ops.optimizer_update_8bit_blockwise, "adamw", pc, g.to(last), sc, True, 1)
+        torch.cuda.synchronize(last)
+    assert bits_equal(pc.cpu(), pr)
+    for a, b in zip(sc, sr):
+        assert bits_equal(a.cpu(), b)
+    # The C API refuses host buffers by name instead of faulting in the kernel.
+    lib = _native.cuda
+    fn = lib.function("bnbf_cuda_optimizer_update_8bit_blockwise", _native.I32, _native.P,
+                      _native.P, _native.I32, _native.P, _native.P, _native.P, _native.P,
+                      _native.P, _native.P, _native.P, _native.I64, _native.P)
+    c1, c2, a1, a2 = [t.cuda() for t in state]
+    q1, q2 = maps("cuda")
+    args = _native.OptimizerArgs()
+    host_p = p0.clone()
+    rc = fn(1, host_p.data_ptr(), g.cuda().data_ptr(), 0, c1.data_ptr(), c2.data_ptr(),
+            a1.data_ptr(), a2.data_ptr(), q1.data_ptr(), q2.data_ptr(), ctypes.byref(args), n,
+            None)
+    assert rc == -1 and "p is not CUDA device memory" in lib.bnbf_last_error().decode()
+
 @native
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_requantization_is_exact_at_every_threshold(signed):

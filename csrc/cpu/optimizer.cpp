@@ -80,7 +80,7 @@ inline __attribute__((always_inline)) void update_lanes(
   }
   const typename V::Mask ok = V::finite(g);
   L np = p, n1 = s1, n1b = s1b, n2 = s2;
-  const L d = opt_rule<OPT>(np, a.gnorm_scale == 1.f ? g : g * a.gnorm_scale, n1, n1b, n2, a);
+  const L d = opt_rule<OPT>(np, g * a.gnorm_scale, n1, n1b, n2, a);
   if (NORMS) {
     const L zero{};
     V::template store<BNBF_F32>(r.d, i, V::select(ok, d, zero));

@@ -28,6 +28,10 @@ int fail_cuda(cudaError_t err, const char* what);
 // pointers are rejected here, because a kernel dereferencing one would fault.
 int device_of(const void* p, const char* name, int* dev);
 
+// The one device of the non-null buffers ptrs[0..count) (named by names[]): each must be
+// device memory, all of the same GPU. The entry points launch there, under a DeviceGuard.
+int common_device(int count, const void* const* ptrs, const char* const* names, int* dev);
+
 // Number of multiprocessors of `dev` (cached).
 int sm_count(int dev);
 

@@ -70,8 +70,13 @@ BNBF_API int bnbf_cuda_fusion_embedding_lookup(const int64_t* ids, int64_t n, co
                                        fusion_vocab_size, embed_dim, blocksize, out, dtype))
     return rc;
   if (n == 0) return BNBF_OK;
+  // Only the buffers the kernel reads are checked (and must share out's device).
+  const bool quantized = vocab_size > 0 && bits != 0;
+  const void* ptrs[6] = {out, ids, vocab_size > 0 ? base : nullptr, quantized ? absmax : nullptr,
+                         quantized ? qmap : nullptr, fusion_vocab_size > 0 ? fusion : nullptr};
+  const char* names[6] = {"out", "ids", "base", "absmax", "qmap", "fusion"};
   int dev = 0;
-  if (int rc = device_of(out, "out", &dev)) return rc;
+  if (int rc = common_device(6, ptrs, names, &dev)) return rc;
   DeviceGuard guard(dev);
   if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "cudaSetDevice");
   const int threads = (int)std::min<int64_t>(256, ((embed_dim + 31) / 32) * 32);

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "bnbfuse.h"
+#include "common.cuh"
 #include "optim_check.h"
 #include "optim_quant.cuh"
 #include "optim_rule.h"
@@ -36,11 +37,12 @@ __device__ __forceinline__ float load(const void* p, int64_t i) {
   return __bfloat162float(((const __nv_bfloat16*)p)[i]);
 }
 
+// Stores with common.cuh's conversions, whose NaN payloads match the CPU kernels'.
 template <int DT>
 __device__ __forceinline__ void store(void* p, int64_t i, float v) {
   if (DT == BNBF_F32) ((float*)p)[i] = v;
-  else if (DT == BNBF_F16) ((__half*)p)[i] = __float2half_rn(v);
-  else ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(v);
+  else if (DT == BNBF_F16) ((__half*)p)[i] = from_f32<__half>(v);
+  else ((__nv_bfloat16*)p)[i] = from_f32<__nv_bfloat16>(v);
 }
 
 // Block-wide max of |x| for up to three values at once, NaN if any is NaN (like the CPU's
@@ -136,12 +138,11 @@ k_optimizer_8bit(void* __restrict__ p, const void* __restrict__ g, uint8_t* __re
       continue;
     }
     if (ok) {
-      pv = np;
       s1 = n1;
       s1b = n1b;
       s2 = n2;
+      store<DT>(p, i, np);  // a non-finite gradient leaves p's bits alone
     }
-    if (in) store<DT>(p, i, pv);
     float m[3] = {s1, s1b, s2};
     block_absmax3(m, red);
     if (in) {
@@ -191,12 +192,19 @@ k_optimizer_32bit(void* __restrict__ p, const void* __restrict__ g, float* __res
   if (NORMS) block_sum2_atomic(acc_d, acc_p, out, dred);
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 108;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 108;
-  return sms > 0 ? sms : 108;
-}
+// Checks that the buffers an optimizer call reads are device memory of one GPU, and makes
+// that GPU current for the launch (the caller's current device need not be the tensors').
+struct OptimizerDevice {
+  int dev = 0;
+  int rc = BNBF_OK;
+  OptimizerDevice(const void* p, const void* g, const void* s1, const void* s2, const void* a1,
+                  const void* a2, const void* q1, const void* q2, const void* out) {
+    const void* ptrs[9] = {p, g, s1, s2, a1, a2, q1, q2, out};
+    const char* names[9] = {"p", "g", "state1", "state2", "absmax1", "absmax2", "qmap1",
+                            "qmap2", "out"};
+    rc = common_device(9, ptrs, names, &dev);
+  }
+};
 
 int check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
@@ -211,9 +219,13 @@ int launch_8bit(int opt, void* p, const void* g, int dtype, uint8_t* c1, uint8_t
                 float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
                 const bnbf_optim_args& a, int64_t n, double* out, cudaStream_t stream,
                 const char* what) {
+  const OptimizerDevice where(p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, out);
+  if (where.rc) return where.rc;
+  DeviceGuard guard(where.dev);
+  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "set device");
   const int64_t nblocks = (n + kOptimBlock - 1) / kOptimBlock;
   // Enough thread blocks to fill the GPU; each builds its maps once, then loops.
-  const int64_t grid = std::min<int64_t>(nblocks, (int64_t)sm_count() * 8);
+  const int64_t grid = std::min<int64_t>(nblocks, (int64_t)sm_count(where.dev) * 8);
   bool known = dispatch_optimizer(opt, [&](auto o) {
     constexpr int OPT = decltype(o)::value;
     switch (dtype) {
@@ -238,9 +250,13 @@ template <bool NORMS>
 int launch_32bit(int opt, void* p, const void* g, int dtype, float* s1, float* s2,
                  const bnbf_optim_args& a, int64_t n, double* out, cudaStream_t stream,
                  const char* what) {
+  const OptimizerDevice where(p, g, s1, s2, nullptr, nullptr, nullptr, nullptr, out);
+  if (where.rc) return where.rc;
+  DeviceGuard guard(where.dev);
+  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "set device");
   const int64_t grid =
       std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads,
-                                             (int64_t)sm_count() * 16));
+                                             (int64_t)sm_count(where.dev) * 16));
   bool known = dispatch_optimizer(opt, [&](auto o) {
     constexpr int OPT = decltype(o)::value;
     switch (dtype) {

@@ -199,19 +199,12 @@ int check_args(const float* code, const void* A, const float* absmax, const void
   return BNBF_OK;
 }
 
-// The common device of the four buffers (all must be device memory of one GPU).
-int common_device(const void* code, const void* A, const void* absmax, const void* out,
-                  int* dev) {
+// The device of the four buffers (all must be device memory of one GPU).
+int buffers_device(const void* code, const void* A, const void* absmax, const void* out,
+                   int* dev) {
   const void* ptrs[4] = {code, A, absmax, out};
   const char* names[4] = {"code", "A", "absmax", "out"};
-  for (int i = 0; i < 4; ++i) {
-    int d = -1;
-    if (int rc = device_of(ptrs[i], names[i], &d)) return rc;
-    if (i == 0) *dev = d;
-    else if (d != *dev)
-      return fail(BNBF_E_ARG, "%s is on cuda:%d but code is on cuda:%d", names[i], d, *dev);
-  }
-  return BNBF_OK;
+  return common_device(4, ptrs, names, dev);
 }
 
 }  // namespace
@@ -226,7 +219,7 @@ BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int 
   if (int rc = check_args(code, A, absmax, out, dtype, blocksize, n)) return rc;
   if (n == 0) return BNBF_OK;
   int dev = 0;
-  if (int rc = common_device(code, A, absmax, out, &dev)) return rc;
+  if (int rc = buffers_device(code, A, absmax, out, &dev)) return rc;
   DeviceGuard guard(dev);
   if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "quantize_blockwise: set device");
   const int group = group_size(blocksize);
@@ -248,7 +241,7 @@ BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
   if (int rc = check_args(code, A, absmax, out, dtype, blocksize, n)) return rc;
   if (n == 0) return BNBF_OK;
   int dev = 0;
-  if (int rc = common_device(code, A, absmax, out, &dev)) return rc;
+  if (int rc = buffers_device(code, A, absmax, out, &dev)) return rc;
   DeviceGuard guard(dev);
   if (guard.error() != cudaSuccess)
     return fail_cuda(guard.error(), "dequantize_blockwise: set device");

@@ -28,6 +28,24 @@ int device_of(const void* p, const char* name, int* dev) {
   return BNBF_OK;
 }
 
+int common_device(int count, const void* const* ptrs, const char* const* names, int* dev) {
+  int first = -1;
+  for (int i = 0; i < count; ++i) {
+    if (!ptrs[i]) continue;
+    int d = -1;
+    if (int rc = device_of(ptrs[i], names[i], &d)) return rc;
+    if (first < 0) {
+      first = i;
+      *dev = d;
+    } else if (d != *dev) {
+      return fail(BNBF_E_ARG, "%s is on cuda:%d but %s is on cuda:%d", names[i], d,
+                  names[first], *dev);
+    }
+  }
+  if (first < 0) return fail(BNBF_E_ARG, "no device buffer given");
+  return BNBF_OK;
+}
+
 int sm_count(int dev) {
   static std::atomic<int> cache[128];
   if (dev >= 0 && dev < 128) {
