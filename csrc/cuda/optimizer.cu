@@ -192,19 +192,16 @@ k_optimizer_32bit(void* __restrict__ p, const void* __restrict__ g, float* __res
   if (NORMS) block_sum2_atomic(acc_d, acc_p, out, dred);
 }
 
-// Checks that the buffers an optimizer call reads are device memory of one GPU, and makes
-// that GPU current for the launch (the caller's current device need not be the tensors').
-struct OptimizerDevice {
-  int dev = 0;
-  int rc = BNBF_OK;
-  OptimizerDevice(const void* p, const void* g, const void* s1, const void* s2, const void* a1,
-                  const void* a2, const void* q1, const void* q2, const void* out) {
-    const void* ptrs[9] = {p, g, s1, s2, a1, a2, q1, q2, out};
-    const char* names[9] = {"p", "g", "state1", "state2", "absmax1", "absmax2", "qmap1",
-                            "qmap2", "out"};
-    rc = common_device(9, ptrs, names, &dev);
-  }
-};
+// The one GPU of the buffers an optimizer call reads (all device memory of that GPU); the
+// launch happens there, whatever the caller's current device is.
+int optimizer_device(const void* p, const void* g, const void* s1, const void* s2,
+                     const void* a1, const void* a2, const void* q1, const void* q2,
+                     const void* out, int* dev) {
+  const void* ptrs[9] = {p, g, s1, s2, a1, a2, q1, q2, out};
+  const char* names[9] = {"p", "g", "state1", "state2", "absmax1", "absmax2", "qmap1",
+                          "qmap2", "out"};
+  return common_device(9, ptrs, names, dev);
+}
 
 int check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
@@ -219,13 +216,14 @@ int launch_8bit(int opt, void* p, const void* g, int dtype, uint8_t* c1, uint8_t
                 float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
                 const bnbf_optim_args& a, int64_t n, double* out, cudaStream_t stream,
                 const char* what) {
-  const OptimizerDevice where(p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, out);
-  if (where.rc) return where.rc;
-  DeviceGuard guard(where.dev);
+  int dev = 0;
+  if (int rc = optimizer_device(p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, out, &dev))
+    return rc;
+  DeviceGuard guard(dev);
   if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "set device");
   const int64_t nblocks = (n + kOptimBlock - 1) / kOptimBlock;
   // Enough thread blocks to fill the GPU; each builds its maps once, then loops.
-  const int64_t grid = std::min<int64_t>(nblocks, (int64_t)sm_count(where.dev) * 8);
+  const int64_t grid = std::min<int64_t>(nblocks, (int64_t)sm_count(dev) * 8);
   bool known = dispatch_optimizer(opt, [&](auto o) {
     constexpr int OPT = decltype(o)::value;
     switch (dtype) {
@@ -250,13 +248,14 @@ template <bool NORMS>
 int launch_32bit(int opt, void* p, const void* g, int dtype, float* s1, float* s2,
                  const bnbf_optim_args& a, int64_t n, double* out, cudaStream_t stream,
                  const char* what) {
-  const OptimizerDevice where(p, g, s1, s2, nullptr, nullptr, nullptr, nullptr, out);
-  if (where.rc) return where.rc;
-  DeviceGuard guard(where.dev);
+  int dev = 0;
+  if (int rc = optimizer_device(p, g, s1, s2, nullptr, nullptr, nullptr, nullptr, out, &dev))
+    return rc;
+  DeviceGuard guard(dev);
   if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "set device");
   const int64_t grid =
       std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads,
-                                             (int64_t)sm_count(where.dev) * 16));
+                                             (int64_t)sm_count(dev) * 16));
   bool known = dispatch_optimizer(opt, [&](auto o) {
     constexpr int OPT = decltype(o)::value;
     switch (dtype) {
