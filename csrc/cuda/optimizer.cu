@@ -76,9 +76,9 @@ __device__ __forceinline__ void block_absmax3(float a[3], float (*red)[kThreads 
 
 __device__ __forceinline__ float divisor_of(float absmax) { return absmax == 0.f ? 1.f : absmax; }
 
-// Block-wide sum of two doubles; thread 0 adds them to out[0..1].
-__device__ __forceinline__ void block_sum2_atomic(double a, double b, double* out,
-                                                  double (*red)[kThreads / 32]) {
+// Block-wide sum of two doubles in a fixed order; thread 0 writes them to partial[0..1].
+__device__ __forceinline__ void block_sum2(double a, double b, double* partial,
+                                           double (*red)[kThreads / 32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int off = 16; off > 0; off >>= 1) {
     a += __shfl_xor_sync(0xffffffffu, a, off);
@@ -95,10 +95,29 @@ __device__ __forceinline__ void block_sum2_atomic(double a, double b, double* ou
       s0 += red[0][w];
       s1 += red[1][w];
     }
-    atomicAdd(out, s0);
-    atomicAdd(out + 1, s1);
+    partial[0] = s0;
+    partial[1] = s1;
   }
-  __syncthreads();
+}
+
+// One warp adds the thread blocks' partial sums, in block order, to out[0..1]. Summing them
+// with atomicAdd would make the norms' last bits depend on which block finished first; this
+// way they are the same on every run (as on the CPU, whose blocks are summed in order too).
+__global__ void k_sum_partials(const double* __restrict__ partial, int64_t count,
+                               double* __restrict__ out) {
+  double a = 0.0, b = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += 32) {
+    a += partial[2 * i];
+    b += partial[2 * i + 1];
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
+  }
+  if (threadIdx.x == 0) {
+    out[0] += a;
+    out[1] += b;
+  }
 }
 
 template <int OPT, int DT, bool NORMS>
@@ -107,7 +126,7 @@ k_optimizer_8bit(void* __restrict__ p, const void* __restrict__ g, uint8_t* __re
                  uint8_t* __restrict__ c2, float* __restrict__ absmax1,
                  float* __restrict__ absmax2, const float* __restrict__ qmap1,
                  const float* __restrict__ qmap2, const bnbf_optim_args a, int64_t n,
-                 int64_t nblocks, double* __restrict__ out) {
+                 int64_t nblocks, double* __restrict__ partial) {
   using T = OptTraits<OPT>;
   __shared__ SharedMap map1;
   __shared__ SharedMap map2;
@@ -157,14 +176,14 @@ k_optimizer_8bit(void* __restrict__ p, const void* __restrict__ g, uint8_t* __re
     }
     __syncthreads();  // red[] is reused by the next block
   }
-  if (NORMS) block_sum2_atomic(acc_d, acc_p, out, dred);
+  if (NORMS) block_sum2(acc_d, acc_p, partial + 2 * blockIdx.x, dred);
 }
 
 template <int OPT, int DT, bool NORMS>
 __global__ void __launch_bounds__(kThreads)
 k_optimizer_32bit(void* __restrict__ p, const void* __restrict__ g, float* __restrict__ st1,
                   float* __restrict__ st2, const bnbf_optim_args a, int64_t n,
-                  double* __restrict__ out) {
+                  double* __restrict__ partial) {
   using T = OptTraits<OPT>;
   __shared__ double dred[2][kThreads / 32];
   double acc_d = 0.0, acc_p = 0.0;
@@ -189,7 +208,7 @@ k_optimizer_32bit(void* __restrict__ p, const void* __restrict__ g, float* __res
     if (T::has_m2) st1[n + i] = n1b;
     if (T::two_state) st2[i] = n2;
   }
-  if (NORMS) block_sum2_atomic(acc_d, acc_p, out, dred);
+  if (NORMS) block_sum2(acc_d, acc_p, partial + 2 * blockIdx.x, dred);
 }
 
 // The one GPU of the buffers an optimizer call reads (all device memory of that GPU); the
@@ -211,6 +230,31 @@ int check_launch(const char* what) {
   return BNBF_OK;
 }
 
+// The NORMS kernels write one pair of partial sums per thread block into scratch memory,
+// stream-ordered (calls on other streams get their own), which k_sum_partials then adds to
+// out in block order. The update kernels get partial == nullptr.
+int alloc_partials(bool norms, int64_t grid, cudaStream_t stream, double** partial) {
+  *partial = nullptr;
+  if (!norms) return BNBF_OK;
+  const cudaError_t err =
+      cudaMallocAsync((void**)partial, (size_t)grid * 2 * sizeof(double), stream);
+  return err == cudaSuccess ? BNBF_OK : fail_cuda(err, "allocate the norm partials");
+}
+
+// Checks the optimizer kernel's launch, then sums the partials into out and frees them.
+int finish_launch(int rc, double* partial, int64_t grid, double* out, cudaStream_t stream,
+                  const char* what) {
+  if (!rc) rc = check_launch(what);
+  if (!partial) return rc;
+  if (!rc) {
+    k_sum_partials<<<1, 32, 0, stream>>>(partial, grid, out);
+    rc = check_launch(what);
+  }
+  const cudaError_t freed = cudaFreeAsync(partial, stream);
+  if (!rc && freed != cudaSuccess) rc = fail_cuda(freed, "free the norm partials");
+  return rc;
+}
+
 template <bool NORMS>
 int launch_8bit(int opt, void* p, const void* g, int dtype, uint8_t* c1, uint8_t* c2,
                 float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
@@ -224,24 +268,26 @@ int launch_8bit(int opt, void* p, const void* g, int dtype, uint8_t* c1, uint8_t
   const int64_t nblocks = (n + kOptimBlock - 1) / kOptimBlock;
   // Enough thread blocks to fill the GPU; each builds its maps once, then loops.
   const int64_t grid = std::min<int64_t>(nblocks, (int64_t)sm_count(dev) * 8);
+  double* partial;
+  if (int rc = alloc_partials(NORMS, grid, stream, &partial)) return rc;
   bool known = dispatch_optimizer(opt, [&](auto o) {
     constexpr int OPT = decltype(o)::value;
     switch (dtype) {
       case BNBF_F32:
         k_optimizer_8bit<OPT, BNBF_F32, NORMS><<<(unsigned)grid, kThreads, 0, stream>>>(
-            p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, a, n, nblocks, out);
+            p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, a, n, nblocks, partial);
         break;
       case BNBF_F16:
         k_optimizer_8bit<OPT, BNBF_F16, NORMS><<<(unsigned)grid, kThreads, 0, stream>>>(
-            p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, a, n, nblocks, out);
+            p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, a, n, nblocks, partial);
         break;
       default:
         k_optimizer_8bit<OPT, BNBF_BF16, NORMS><<<(unsigned)grid, kThreads, 0, stream>>>(
-            p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, a, n, nblocks, out);
+            p, g, c1, c2, absmax1, absmax2, qmap1, qmap2, a, n, nblocks, partial);
     }
   });
-  if (!known) return fail(BNBF_E_ARG, "unknown optimizer id %d", opt);
-  return check_launch(what);
+  const int rc = known ? BNBF_OK : fail(BNBF_E_ARG, "unknown optimizer id %d", opt);
+  return finish_launch(rc, partial, grid, out, stream, what);
 }
 
 template <bool NORMS>
@@ -256,24 +302,26 @@ int launch_32bit(int opt, void* p, const void* g, int dtype, float* s1, float* s
   const int64_t grid =
       std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads,
                                              (int64_t)sm_count(dev) * 16));
+  double* partial;
+  if (int rc = alloc_partials(NORMS, grid, stream, &partial)) return rc;
   bool known = dispatch_optimizer(opt, [&](auto o) {
     constexpr int OPT = decltype(o)::value;
     switch (dtype) {
       case BNBF_F32:
         k_optimizer_32bit<OPT, BNBF_F32, NORMS><<<(unsigned)grid, kThreads, 0, stream>>>(
-            p, g, s1, s2, a, n, out);
+            p, g, s1, s2, a, n, partial);
         break;
       case BNBF_F16:
         k_optimizer_32bit<OPT, BNBF_F16, NORMS><<<(unsigned)grid, kThreads, 0, stream>>>(
-            p, g, s1, s2, a, n, out);
+            p, g, s1, s2, a, n, partial);
         break;
       default:
         k_optimizer_32bit<OPT, BNBF_BF16, NORMS><<<(unsigned)grid, kThreads, 0, stream>>>(
-            p, g, s1, s2, a, n, out);
+            p, g, s1, s2, a, n, partial);
     }
   });
-  if (!known) return fail(BNBF_E_ARG, "unknown optimizer id %d", opt);
-  return check_launch(what);
+  const int rc = known ? BNBF_OK : fail(BNBF_E_ARG, "unknown optimizer id %d", opt);
+  return finish_launch(rc, partial, grid, out, stream, what);
 }
 
 }  // namespace
