@@ -493,6 +493,45 @@ def test_invalid_arguments_raise_value_error(make):
         make([torch.nn.Parameter(torch.randn(4))])
 
 
+@pytest.mark.parametrize("cls", [bo.AdamW8bit, bo.Lion8bit, bo.LAMB8bit, bo.AdEMAMix8bit])
+@pytest.mark.parametrize("group", [
+    {"maximize": True}, {"differentiable": True}, {"lr": torch.tensor(-1e-3)},
+    {"lr": torch.tensor([1e-3, 1e-3])},
+], ids=["maximize", "differentiable", "negative tensor lr", "two-element lr"])
+def test_group_settings_that_would_be_ignored_raise(cls, group):
+    opt = cls([torch.nn.Parameter(torch.randn(4))])
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4))], **group})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_parameter_that_changed_shape_names_the_fix():
+    e = torch.nn.Embedding(100, 64)
+    opt = bo.AdamW8bit(e.parameters())
+    e.weight.grad = torch.randn_like(e.weight)
+    opt.step()
+    e.weight.data = torch.randn(110, 64)  # tokens added in place
+    e.weight.grad = torch.randn_like(e.weight)
+    with pytest.raises(RuntimeError, match="changed shape"):
+        opt.step()
+    del opt.state[e.weight]
+    opt.step()
+    assert opt.state[e.weight]["state1"].shape == (110, 64)
+
+
+def test_a_failing_first_step_leaves_no_empty_state():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    bo.GlobalOptimManager.get_instance().override_config(w, "no_such_setting", 1)
+    opt = bo.AdamW8bit([w])
+    w.grad = torch.randn_like(w)
+    try:
+        with pytest.raises(ValueError, match="no_such_setting"):
+            opt.step()
+        assert w not in opt.state
+    finally:
+        bo.GlobalOptimManager.get_instance().initialize()
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda ps: bo.Adam(ps, is_paged=True), "paged"),
     (lambda ps: bo.AdamW8bit(ps, is_paged=True), "paged"),

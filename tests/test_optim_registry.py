@@ -122,6 +122,26 @@ def test_module_override_registered_at_construction_survives(mng):
     assert opt.state[model.weight]["state1"].dtype == torch.float32
 
 
+def test_module_overrides_follow_a_deepcopy_of_the_model(mng):
+    import copy
+
+    import bnbfuse.nn as bnn
+
+    model = torch.nn.Sequential(bnn.StableEmbedding(1000, 64), torch.nn.Embedding(500, 64),
+                                torch.nn.Linear(64, 64))
+    bo.keep_32bit_embeddings(torch.nn.Sequential(model[1]))
+    ema = copy.deepcopy(model)  # an EMA/teacher copy: its own Parameters
+    opt = bo.AdamW8bit(ema.parameters())
+    for p in ema.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[ema[0].weight]["state1"].dtype == torch.float32  # built-in override
+    assert opt.state[ema[1].weight]["state1"].dtype == torch.float32  # keep_32bit_embeddings
+    assert opt.state[ema[2].weight]["state1"].dtype == torch.uint8
+    mng.initialize()  # forgotten overrides are not revived by a later copy
+    assert mng.get_config(copy.deepcopy(model)[1].weight) == {}
+
+
 def test_overrides_are_read_when_state_is_created(mng):
     w = torch.nn.Parameter(torch.randn(64, 128))
     opt = bo.AdamW8bit([w])

@@ -139,10 +139,11 @@ def test_mismatched_state_dict_raises_value_error(corrupt, match):
         fresh.load_state_dict(sd)
 
 
-def test_loading_a_torch_state_dict_directly_points_to_the_converter():
+@pytest.mark.parametrize("steps", [1, 0], ids=["trained", "no state yet"])
+def test_loading_a_torch_state_dict_directly_points_to_the_converter(steps):
     m = _model()
-    t = torch.optim.AdamW(m.parameters())
-    _train(m, t, 1, seed=0)
+    t = torch.optim.AdamW(m.parameters(), maximize=True)
+    _train(m, t, steps, seed=0)
     with pytest.raises(ValueError, match="load_torch_state_dict"):
         bo.AdamW8bit(m.parameters()).load_state_dict(t.state_dict())
 
@@ -155,20 +156,69 @@ def test_state_dict_of_another_class_is_rejected():
         bo.AdamW8bit(m.parameters()).load_state_dict(lion.state_dict())
 
 
-def test_loads_bitsandbytes_state_dict():
+# bitsandbytes saves SGD/LARS settings as betas=(momentum, dampening), RMSprop's alpha as
+# betas[0], and no Adagrad lr_decay: each loads with the settings it was built with.
+@pytest.mark.parametrize("name,kwargs", [
+    ("AdamW8bit", dict(lr=1e-3, weight_decay=0.1)),
+    ("Lion8bit", dict(lr=1e-4)),
+    ("AdEMAMix8bit", dict(lr=1e-3)),
+    ("LAMB8bit", dict(lr=1e-3)),
+    ("SGD8bit", dict(lr=1e-2, momentum=0.9, dampening=0.1)),
+    ("SGD", dict(lr=1e-2, momentum=0.8)),
+    ("RMSprop8bit", dict(lr=1e-3, alpha=0.95)),
+    ("Adagrad8bit", dict(lr=1e-2)),
+    ("LARS8bit", dict(lr=1e-2, momentum=0.9)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_loads_bitsandbytes_state_dict(name, kwargs):
     bnb = pytest.importorskip("bitsandbytes")
     m = _model()
-    theirs = bnb.optim.AdamW8bit(m.parameters(), lr=1e-3)
+    theirs = getattr(bnb.optim, name)(m.parameters(), **kwargs)
     _train(m, theirs, 3, seed=0)
-    sd = theirs.state_dict()
-    ours = bo.AdamW8bit(m.parameters(), lr=1e-3)
-    ours.load_state_dict(sd)
-    st = ours.state[m[0].weight]
-    assert st["step"] == 3 and st["state1"].dtype == torch.uint8
-    their_state = theirs.state[m[0].weight]
-    assert torch.equal(st["state1"], their_state["state1"])
+    ours = getattr(bo, name)(m.parameters(), **kwargs)
+    settings = {k: v for k, v in ours.param_groups[0].items() if k != "params"}
+    ours.param_groups[0]["lr"] = 123.0  # must come back from the saved dict
+    ours.load_state_dict(theirs.state_dict())
+    group = ours.param_groups[0]
+    assert {k: group[k] for k in settings} == settings
+    w = m[0].weight
+    st = ours.state[w]
+    assert st["step"] == 3 and st["state1"].dtype == theirs.state[w]["state1"].dtype
+    assert torch.equal(st["state1"], theirs.state[w]["state1"])
     _train(m, ours, 2, seed=1)
-    assert ours.state[m[0].weight]["step"] == 5
+    assert ours.state[w]["step"] == 5
+
+
+def test_load_skips_empty_state_entries():
+    # Reading opt.state[p] of a parameter without state leaves {} in the state dict (as in
+    # torch.optim, whose load_state_dict accepts it).
+    m = _model()
+    m[2].weight.requires_grad_(False)
+    o = bo.AdamW8bit(m.parameters(), lr=1e-2)
+    _train(m, o, 2, seed=0)
+    assert o.state[m[2].weight] == {}
+    fresh = bo.AdamW8bit(m.parameters(), lr=1e-2)
+    fresh.load_state_dict(o.state_dict())
+    assert m[2].weight not in fresh.state and fresh.state[m[0].weight]["step"] == 2
+
+
+def test_load_state_dict_hooks_see_the_state_as_torch_optim_does():
+    m, o = _trained()
+    sd = o.state_dict()
+    for st in sd["state"].values():  # an old layout that a pre-hook migrates
+        st["m"] = st.pop("state1")
+    seen = []
+
+    def migrate(opt, state_dict):
+        seen.append(len(state_dict["state"]))
+        for st in state_dict["state"].values():
+            st["state1"] = st.pop("m")
+
+    fresh = bo.AdamW8bit(m.parameters())
+    fresh.register_load_state_dict_pre_hook(migrate)
+    fresh.register_load_state_dict_post_hook(lambda opt: seen.append(len(opt.state)))
+    fresh.load_state_dict(sd)
+    assert seen == [len(sd["state"])] * 2
+    assert torch.equal(fresh.state[m[0].weight]["state1"], o.state[m[0].weight]["state1"])
 
 
 @pytest.mark.cuda
@@ -294,3 +344,33 @@ def test_torch_conversion_errors():
         bo.AdamW8bit(m.parameters()).load_torch_state_dict(ams.state_dict())
     with pytest.raises(NotImplementedError):
         bo.Lion8bit(m.parameters()).torch_state_dict()
+    t = torch.optim.AdamW(m.parameters(), maximize=True)
+    _train(m, t, 1, seed=0)
+    with pytest.raises(ValueError, match="maximize"):
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(t.state_dict())
+    t = torch.optim.AdamW(m.parameters())
+    _train(m, t, 1, seed=0)
+    sd = t.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to(torch.complex64)
+    with pytest.raises(ValueError, match="exp_avg of parameter 0 must be a real"):
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(sd)
+    sd["state"][0]["exp_avg"] = [0.0]
+    with pytest.raises(ValueError, match="got list"):
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(sd)
+
+
+def test_torch_state_dict_without_decoupled_weight_decay_key():
+    # torch <= 2.6 saved AdamW and Adam groups without "decoupled_weight_decay"; the class
+    # that loads the dict decides, as torch.optim.AdamW/Adam do.
+    m = _model()
+    t = torch.optim.AdamW(m.parameters(), weight_decay=0.1)
+    _train(m, t, 1, seed=0)
+    sd = t.state_dict()
+    for g in sd["param_groups"]:
+        del g["decoupled_weight_decay"]
+    o = bo.AdamW8bit(m.parameters())
+    o.load_torch_state_dict(copy.deepcopy(sd))
+    assert o.param_groups[0]["weight_decay"] == 0.1
+    a = bo.Adam8bit(m.parameters())
+    a.load_torch_state_dict(copy.deepcopy(sd))  # coupled L2, as torch.optim.Adam loads it
+    assert a.param_groups[0]["weight_decay"] == 0.1

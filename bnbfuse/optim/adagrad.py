@@ -43,6 +43,7 @@ class Adagrad(Optimizer1State):
 
     optimizer_name = "adagrad"
     _torch_counterpart = (torch.optim.Adagrad, ("sum",))
+    _bnb_fixed = {"lr_decay": 0.0, "initial_accumulator_value": 0.0}
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, optim_bits=32, args=None, min_8bit_size=4096, *, max_unorm=0.0,
@@ -60,8 +61,6 @@ class Adagrad(Optimizer1State):
         if float(group["initial_accumulator_value"]) < 0:
             raise ValueError(f"{name}: invalid initial_accumulator_value "
                              f"{group['initial_accumulator_value']!r}")
-        if group.get("maximize", False):
-            raise ValueError(f"{name} does not support maximize=True")
 
     def _init_state1(self, p, cfg):
         value = float(cfg["initial_accumulator_value"])
@@ -77,16 +76,7 @@ class Adagrad(Optimizer1State):
                     initial_accumulator_value=group["initial_accumulator_value"],
                     eps=group["eps"])
 
-    def _torch_initial_state(self, p, group):
-        # torch.optim.Adagrad creates every parameter's state up front and expects it.
-        return {"step": torch.tensor(0.0),
-                "sum": torch.full(p.shape, float(group["initial_accumulator_value"]),
-                                  dtype=torch.float32, device=p.device)}
-
     def _from_torch_group(self, tg):
-        if tg.get("maximize", False):
-            raise ValueError(f"{type(self).__name__}.load_torch_state_dict: maximize=True is "
-                             "not supported")
         return dict(lr=tg["lr"], lr_decay=tg["lr_decay"], weight_decay=tg["weight_decay"],
                     initial_accumulator_value=tg["initial_accumulator_value"], eps=tg["eps"])
 

@@ -31,8 +31,6 @@ class _AdamBase(Optimizer2State):
 
     def _validate_hparams(self, group):
         self._check_betas(group)
-        if group.get("amsgrad", False):
-            raise ValueError(f"{type(self).__name__} does not support amsgrad=True")
 
     def _kernel_hparams(self, cfg, step):
         beta1, beta2 = cfg["betas"]
@@ -46,10 +44,9 @@ class _AdamBase(Optimizer2State):
 
     def _from_torch_group(self, tg):
         name = type(self).__name__
-        for flag in ("amsgrad", "maximize"):
-            if tg.get(flag, False):
-                raise ValueError(f"{name}.load_torch_state_dict: {flag}=True is not supported")
-        decoupled = bool(tg.get("decoupled_weight_decay", False))
+        # torch <= 2.6 saved no decoupled_weight_decay: torch.optim.AdamW loads such a dict as
+        # decoupled, Adam as coupled, so the class loading it decides, as here.
+        decoupled = bool(tg.get("decoupled_weight_decay", self.optimizer_name == "adamw"))
         if tg.get("weight_decay", 0) and decoupled != (self.optimizer_name == "adamw"):
             want = "AdamW" if decoupled else "Adam"
             raise ValueError(f"{name}.load_torch_state_dict: the state comes from a torch "

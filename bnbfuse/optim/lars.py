@@ -43,6 +43,8 @@ class LARS(Optimizer1State):
     """
 
     optimizer_name = "lars"
+    _bnb_betas = ("momentum", "dampening")
+    _bnb_fixed = {"nesterov": False}
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  optim_bits=32, args=None, min_8bit_size=4096, max_unorm=0.02, *,

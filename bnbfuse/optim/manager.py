@@ -8,7 +8,8 @@ the parameter's state), which fixes three bitsandbytes problems:
   happens to sit at the same position;
 - overriding one parameter never changes its siblings;
 - a module override registered when the module is built (embeddings do this) survives
-  ``.to()``, ``load_state_dict(assign=True)`` or sharding replacing the Parameter object.
+  ``.to()``, ``load_state_dict(assign=True)`` or sharding replacing the Parameter object,
+  and ``copy.deepcopy`` of the model (EMA or teacher copies) carries it to the copy.
 
 ``register_parameters`` is accepted for compatibility; it is not required.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from copy import deepcopy
 from typing import Any, Iterable, Optional
 
 import torch
@@ -52,8 +54,8 @@ class GlobalOptimManager:
         """Forgets every override."""
         # id(param) -> (weakref(param), config); the weakref guards against id reuse.
         self._param_configs: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
-        # id(module) -> (weakref(module), {param_name: config})
-        self._module_configs: dict[int, tuple[weakref.ref, dict[str, dict[str, Any]]]] = {}
+        # id(module) -> (weakref(module), its _ModuleOverrides)
+        self._module_configs: dict[int, tuple[weakref.ref, _ModuleOverrides]] = {}
         self.uses_config_override = False  # bitsandbytes attribute
 
     # ---- bitsandbytes API ----
@@ -87,12 +89,25 @@ class GlobalOptimManager:
         optimizer first creates its state."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        self._module_overrides(module).setdefault(param_name, {}).update(config)
+        self.uses_config_override = True
+
+    def _module_overrides(self, module: torch.nn.Module) -> "_ModuleOverrides":
+        """The module's registered overrides, created (and kept on the module) if new."""
         entry = self._module_configs.get(id(module))
         if entry is None or entry[0]() is not module:
-            entry = (weakref.ref(module, self._forget(self._module_configs, id(module))), {})
+            overrides = _ModuleOverrides(module)
+            # In __dict__ directly: nn.Module.__setattr__ is not needed for a plain value,
+            # and a module being rebuilt by deepcopy has no _parameters yet.
+            module.__dict__[_MODULE_ATTR] = overrides
+            entry = (weakref.ref(module, self._forget(self._module_configs, id(module))),
+                     overrides)
             self._module_configs[id(module)] = entry
-        entry[1].setdefault(param_name, {}).update(config)
-        self.uses_config_override = True
+        return entry[1]
+
+    def _is_registered(self, module: torch.nn.Module, overrides: "_ModuleOverrides") -> bool:
+        entry = self._module_configs.get(id(module))
+        return entry is not None and entry[0]() is module and entry[1] is overrides
 
     # ---- lookup ----
     def get_config(self, p: torch.Tensor) -> dict[str, Any]:
@@ -117,6 +132,38 @@ class GlobalOptimManager:
             if current is not None and current[0] is ref:
                 del table[key]
         return callback
+
+
+_MODULE_ATTR = "_bnbfuse_optim_overrides"
+
+
+class _ModuleOverrides(dict):
+    """``{param_name: config}`` registered for one module, also kept on the module itself.
+
+    ``copy.deepcopy(model)`` copies each module's attributes, this one included; deepcopy's
+    memo already maps the module to its copy by then, so the copy is registered with the
+    same overrides. An entry the registry has forgotten (``initialize()``) copies inert.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self._owner = weakref.ref(module)
+
+    def __deepcopy__(self, memo):
+        owner = self._owner()
+        copy_of_owner = memo.get(id(owner)) if owner is not None else None
+        mng = GlobalOptimManager.get_instance()
+        if isinstance(copy_of_owner, torch.nn.Module) and mng._is_registered(owner, self):
+            result = mng._module_overrides(copy_of_owner)
+        else:
+            result = {}  # not a module copy, or no longer registered: plain data
+        for name, config in self.items():
+            result.setdefault(name, {}).update(deepcopy(config, memo))
+        return result
+
+    def __reduce__(self):
+        # pickling (torch.save of a whole model) keeps the data, not the registration
+        return (dict, (dict(self),))
 
 
 def _module_param(module: torch.nn.Module, name: str):

@@ -15,6 +15,7 @@ State keys are bitsandbytes': ``step`` (int), ``state1``, ``state2`` and, for 8-
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from copy import deepcopy
 from itertools import chain
 from typing import Any, Optional
@@ -35,6 +36,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
 # Per-parameter settings every optimizer has besides its own hyper-parameters.
 _COMMON_KEYS = ("optim_bits", "min_8bit_size", "max_unorm", "percentile_clipping")
+# torch.optim settings a group may carry (a torch.optim state dict, add_param_group) that
+# bnbfuse does not implement; True raises.
+_UNSUPPORTED_TORCH_FLAGS = ("amsgrad", "maximize", "differentiable")
+# Group keys only torch.optim's own optimizers write: a state dict with them is torch's.
+_TORCH_ONLY_GROUP_KEYS = ("foreach", "fused", "capturable", "differentiable")
 # State keys a bitsandbytes state dict may carry that this implementation does not need.
 _IGNORED_STATE_KEYS = ("unorm_vec", "max1", "max2", "new_max1", "new_max2")
 
@@ -101,6 +107,11 @@ class Optimizer8bit(torch.optim.Optimizer):
     # (torch.optim class, names of state1/state2 there, extra constructor kwargs) for
     # torch_state_dict / load_torch_state_dict; None where torch has no counterpart.
     _torch_counterpart: Optional[tuple] = None
+    # How a bitsandbytes state dict's groups map onto this optimizer's settings where they
+    # differ (_from_saved_group): what its betas stand for here, and the settings
+    # bitsandbytes lacks, with the only values its optimizer supports.
+    _bnb_betas: tuple[str, ...] = ()
+    _bnb_fixed: dict[str, Any] = {}
 
     def __init__(self, params, defaults: dict[str, Any], optim_bits: int = 32, args=None,
                  min_8bit_size: int = 4096, is_paged: bool = False, *, max_unorm: float = 0.0,
@@ -179,8 +190,19 @@ class Optimizer8bit(torch.optim.Optimizer):
     # ---- validation ---------------------------------------------------------------------
     def _validate(self, group: dict[str, Any]) -> None:
         name = type(self).__name__
-        if "lr" in group and not isinstance(group["lr"], torch.Tensor):
-            _check_range("learning rate", group["lr"], 0.0)
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{name}: a tensor lr must have one element, got shape "
+                                 f"{tuple(lr.shape)}")
+            if lr.device.type != "meta":
+                _check_range("learning rate", lr.item(), 0.0)
+        elif lr is not None:
+            _check_range("learning rate", lr, 0.0)
+        # torch.optim settings that would change the update: refused, never ignored.
+        for flag in _UNSUPPORTED_TORCH_FLAGS:
+            if group.get(flag, False):
+                raise ValueError(f"{name} does not support {flag}=True")
         if "eps" in group:
             _check_range("epsilon value", group["eps"], 0.0)
         if "weight_decay" in group:
@@ -329,14 +351,20 @@ class Optimizer8bit(torch.optim.Optimizer):
                                "optimize torch.view_as_real(p) instead")
         if p.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} takes float32/float16/bfloat16 parameters, got {p.dtype}")
-        state = self.state[p]
+        # The config first: an override that fails must not leave an empty state behind.
         cfg = self._param_config(group, p)
+        state = self.state[p]
         if not state:
             self._init_state(p, state, cfg)
         p_local, g_local = _local(p), _local(grad)
         if g_local.shape != p_local.shape:
             raise RuntimeError(f"{name}: gradient shape {tuple(g_local.shape)} does not match "
                                f"parameter shape {tuple(p_local.shape)}")
+        if tuple(state["state1"].shape) != self._state1_shape(p_local):
+            raise RuntimeError(f"{name}: a parameter of shape {tuple(p_local.shape)} has state "
+                               f"of shape {tuple(state['state1'].shape)}: it changed shape "
+                               "after its state was created; drop the old state with "
+                               "`del optimizer.state[param]` (or build a new optimizer)")
         state["step"] += 1
         step = state["step"]
         if p.numel() == 0:
@@ -469,18 +497,34 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         State tensors keep their dtype (8-bit codes stay codes) and move to each parameter's
         device; they are copied, so the loaded optimizer never aliases ``state_dict``.
-        Mismatched groups, keys or shapes raise ``ValueError``.
+        Mismatched groups, keys or shapes raise ``ValueError``; so does a ``torch.optim``
+        state dict (:meth:`load_torch_state_dict` converts those). Hooks registered with
+        ``register_load_state_dict_pre_hook``/``post_hook`` run as in ``torch.optim``: the
+        pre-hooks on (a shallow copy of) the dict as given, the post-hooks once the state is
+        loaded.
         """
-        state_dict = local_optimizer_state_dict(self, state_dict)
         name = type(self).__name__
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and "
                              "'param_groups'")
-        saved_groups = state_dict["param_groups"]
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = local_optimizer_state_dict(self, state_dict)
+        saved_groups = [self._from_saved_group(g, sg)
+                        for g, sg in zip(self.param_groups, state_dict["param_groups"])]
+        saved_groups += state_dict["param_groups"][len(saved_groups):]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"{name}.load_state_dict: {len(saved_groups)} parameter groups "
                              f"saved, the optimizer has {len(self.param_groups)}")
         for i, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            torch_keys = sorted(set(sg) & set(_TORCH_ONLY_GROUP_KEYS))
+            if torch_keys:
+                raise ValueError(f"{name}.load_state_dict: group {i} has torch.optim settings "
+                                 f"{torch_keys}: a torch.optim state dict? use "
+                                 "load_torch_state_dict")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(f"{name}.load_state_dict: group {i} has {len(sg['params'])} "
                                  f"saved parameters, the optimizer has {len(g['params'])}")
@@ -502,11 +546,43 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{name}.load_state_dict: state for unknown parameter id "
                                  f"{key!r}")
             p = id_map[key]
+            if isinstance(st, dict) and not st:
+                continue  # an entry read but never filled: created at the next step
             new_state[p] = self._check_param_state(index_of[p], p, st)
-        super().load_state_dict({"state": {}, "param_groups": deepcopy(list(saved_groups))})
+        # torch.optim's load_state_dict would cast every state tensor to its parameter's
+        # dtype (codes and absmax must keep theirs): it only loads the groups here, and the
+        # hooks run around this whole method instead of inside it.
+        hooks = (self._optimizer_load_state_dict_pre_hooks,
+                 self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({"state": {}, "param_groups": deepcopy(saved_groups)})
+        finally:
+            (self._optimizer_load_state_dict_pre_hooks,
+             self._optimizer_load_state_dict_post_hooks) = hooks
         for p, st in new_state.items():
             self.state[p] = st
         self._overrides.clear()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _from_saved_group(self, group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved param group in this optimizer's layout.
+
+        bitsandbytes saves every optimizer's settings as ``lr, betas, eps, weight_decay``
+        (SGD: ``betas=(momentum, dampening)``). Where a saved group lacks this optimizer's
+        own keys and has ``betas``, they are mapped by ``_bnb_betas`` and ``_bnb_fixed``.
+        """
+        own = set(group) - {"params", "param_names", *_COMMON_KEYS}
+        if not isinstance(saved, dict) or own <= set(saved) or "betas" not in saved:
+            return saved
+        settings = dict(self._bnb_fixed)
+        settings.update((k, saved[k]) for k in ("lr", "eps", "weight_decay") if k in saved)
+        settings.update(zip(self._bnb_betas, tuple(saved["betas"])))
+        bnb_keys = {"lr", "betas", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3"}
+        kept = {k: v for k, v in saved.items() if k not in bnb_keys}
+        return {**kept, **{k: v for k, v in settings.items() if k in own}}
 
     # ---- torch.optim interoperability -----------------------------------------------------
     def _torch_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -572,6 +648,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{name}.load_torch_state_dict: group {i} has "
                                  f"{len(tg['params'])} parameters, the optimizer has "
                                  f"{len(g['params'])}")
+            for flag in _UNSUPPORTED_TORCH_FLAGS:
+                if tg.get(flag, False):
+                    raise ValueError(f"{name}.load_torch_state_dict: {flag}=True is not "
+                                     "supported")
             upd = self._from_torch_group(tg)
             self._validate({**g, **upd})
             updates.append(upd)
@@ -591,6 +671,11 @@ class Optimizer8bit(torch.optim.Optimizer):
                                  f"{missing} (keys: {sorted(tst)})")
             local = _local(p)
             for k in names:
+                v = tst[k]
+                if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                    what = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
+                                     f"must be a real floating-point tensor, got {what}")
                 if tuple(tst[k].shape) != tuple(local.shape):
                     raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
                                      f"has shape {tuple(tst[k].shape)}, expected "

@@ -42,6 +42,7 @@ class RMSprop(Optimizer1State):
 
     optimizer_name = "rmsprop"
     _torch_counterpart = (torch.optim.RMSprop, ("square_avg",))
+    _bnb_betas = ("alpha",)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, optim_bits=32, args=None, min_8bit_size=4096, *,
@@ -64,8 +65,6 @@ class RMSprop(Optimizer1State):
             raise ValueError(f"{name}: invalid alpha value {group['alpha']!r} (0 < alpha < 1)")
         if group.get("momentum", 0) != 0 or group.get("centered", False):
             raise NotImplementedError(f"{name}: momentum and centered are not supported")
-        if group.get("maximize", False):
-            raise ValueError(f"{name} does not support maximize=True")
 
     def _kernel_hparams(self, cfg, step):
         return dict(lr=cfg["lr"], beta1=cfg["alpha"], eps=cfg["eps"],
@@ -77,9 +76,9 @@ class RMSprop(Optimizer1State):
 
     def _from_torch_group(self, tg):
         name = type(self).__name__
-        if tg.get("momentum", 0) != 0 or tg.get("centered", False) or tg.get("maximize", False):
-            raise ValueError(f"{name}.load_torch_state_dict: momentum, centered and maximize "
-                             "are not supported")
+        if tg.get("momentum", 0) != 0 or tg.get("centered", False):
+            raise ValueError(f"{name}.load_torch_state_dict: momentum and centered are not "
+                             "supported")
         return dict(lr=tg["lr"], alpha=tg["alpha"], eps=tg["eps"],
                     weight_decay=tg["weight_decay"])
 

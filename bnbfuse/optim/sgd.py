@@ -44,6 +44,8 @@ class SGD(Optimizer1State):
 
     optimizer_name = "momentum"
     _torch_counterpart = (torch.optim.SGD, ("momentum_buffer",))
+    _bnb_betas = ("momentum", "dampening")
+    _bnb_fixed = {"nesterov": False}
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  optim_bits=32, args=None, min_8bit_size=4096, *, max_unorm=0.0,
@@ -65,8 +67,6 @@ class SGD(Optimizer1State):
             raise ValueError(f"{name}: invalid dampening value {group['dampening']!r}")
         if group["nesterov"] and group["dampening"] != 0:
             raise ValueError(f"{name}: Nesterov momentum requires zero dampening")
-        if group.get("maximize", False):
-            raise ValueError(f"{name} does not support maximize=True")
 
     def _kernel_hparams(self, cfg, step):
         return dict(lr=cfg["lr"], beta1=cfg["momentum"], dampening=cfg["dampening"],
@@ -77,9 +77,6 @@ class SGD(Optimizer1State):
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"])
 
     def _from_torch_group(self, tg):
-        if tg.get("maximize", False):
-            raise ValueError(f"{type(self).__name__}.load_torch_state_dict: maximize=True is "
-                             "not supported")
         return dict(lr=tg["lr"], momentum=tg["momentum"], dampening=tg["dampening"],
                     weight_decay=tg["weight_decay"], nesterov=tg["nesterov"])
 
