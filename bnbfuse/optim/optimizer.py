@@ -74,6 +74,13 @@ def _zero_code(qmap: torch.Tensor) -> int:
     return int(torch.nonzero(qmap == 0)[0, 0])
 
 
+def _refuse_torch_flags(where: str, group: dict) -> None:
+    """torch.optim settings that would change the update are refused, never ignored."""
+    for flag in _UNSUPPORTED_TORCH_FLAGS:
+        if group.get(flag, False):
+            raise ValueError(f"{where}: {flag}=True is not supported")
+
+
 def _check_range(name: str, value, low: float, high: float = math.inf, *,
                  high_open: bool = False) -> None:
     v = float(value)
@@ -199,10 +206,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 _check_range("learning rate", lr.item(), 0.0)
         elif lr is not None:
             _check_range("learning rate", lr, 0.0)
-        # torch.optim settings that would change the update: refused, never ignored.
-        for flag in _UNSUPPORTED_TORCH_FLAGS:
-            if group.get(flag, False):
-                raise ValueError(f"{name} does not support {flag}=True")
+        _refuse_torch_flags(name, group)
         if "eps" in group:
             _check_range("epsilon value", group["eps"], 0.0)
         if "weight_decay" in group:
@@ -648,10 +652,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{name}.load_torch_state_dict: group {i} has "
                                  f"{len(tg['params'])} parameters, the optimizer has "
                                  f"{len(g['params'])}")
-            for flag in _UNSUPPORTED_TORCH_FLAGS:
-                if tg.get(flag, False):
-                    raise ValueError(f"{name}.load_torch_state_dict: {flag}=True is not "
-                                     "supported")
+            _refuse_torch_flags(f"{name}.load_torch_state_dict", tg)
             upd = self._from_torch_group(tg)
             self._validate({**g, **upd})
             updates.append(upd)
