@@ -150,15 +150,17 @@ def unpack_codes(codes: torch.Tensor, scheme: str, dim: int) -> torch.Tensor:
 
 def dequantize_table(codes: torch.Tensor, absmax: torch.Tensor, scheme: str,
                      blocksize: int = DEFAULT_BLOCKSIZE, dim: int | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, *,
+                     qmap: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`quantize_table`: ``map[code] * absmax[row, block]`` in ``dtype``.
 
     ``codes`` may hold any subset of rows (with the matching rows of ``absmax``); ``dim``
-    defaults to ``codes.shape[-1]`` (int8) or ``2 * codes.shape[-1]`` (NF4).
+    defaults to ``codes.shape[-1]`` (int8) or ``2 * codes.shape[-1]`` (NF4). ``qmap``: the
+    value map to use (a table's own buffer), by default the scheme's.
     """
     if dim is None:
         dim = codes.shape[-1] * (1 if bits_of(scheme) == 8 else 2)
     idx = unpack_codes(codes, scheme, dim)
-    values = quant_map(scheme, codes.device)[idx]
+    values = (quant_map(scheme, codes.device) if qmap is None else qmap.to(codes.device))[idx]
     scale = absmax.to(torch.float32).repeat_interleave(blocksize, dim=-1)[..., :dim]
     return (values * scale).to(dtype)

@@ -106,6 +106,33 @@ def test_standard_embedding_pad_row_never_gets_gradient():
     assert torch.count_nonzero(emb.weight[0]) == 0
 
 
+@pytest.mark.parametrize("cls", [Embedding, StableEmbedding])
+@pytest.mark.parametrize("freeze", [True, False])
+def test_from_pretrained(cls, freeze):
+    w = torch.randn(5, 4)
+    emb = cls.from_pretrained(w, freeze=freeze, padding_idx=1)
+    assert torch.equal(emb.weight, w) and emb.weight.requires_grad is not freeze
+    assert emb.padding_idx == 1
+    assert bnb.optim.GlobalOptimManager.get_instance().get_config(emb.weight) == {"optim_bits": 32}
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.to(dtype=torch.float16)])
+def test_stable_embedding_norm_stays_float32_under_casts(cast):
+    emb = cast(StableEmbedding(10, 8))
+    assert emb.weight.dtype != torch.float32
+    assert emb.norm.weight.dtype == emb.norm.bias.dtype == torch.float32
+    assert emb(torch.tensor([1, 2])).dtype == emb.weight.dtype
+    moved = StableEmbedding(10, 8, device="meta").to_empty(device="cpu")  # moves still apply
+    assert moved.norm.weight.device.type == "cpu"
+
+
+def test_standard_embedding_negative_pad_idx_counts_from_the_end():
+    embed = StandardEmbedding(10, 4, pad_idx=-1)
+    assert embed.pad_idx == embed.padding_idx == 9
+    assert torch.equal(embed(torch.tensor([9])), torch.zeros(1, 4))
+
+
 def test_standard_embedding_bad_args():
     with pytest.raises(ValueError, match="pad_idx"):
         StandardEmbedding(10, 4, pad_idx=10)

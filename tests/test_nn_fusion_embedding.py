@@ -369,6 +369,37 @@ def test_meta_device_then_to_empty():
     assert emb(torch.tensor([3, 101])).shape == (2, 8)
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_meta_device_then_reset_parameters(quant):
+    # FSDP2-style init: to_empty() leaves every buffer garbage, the qmap included, until
+    # each module's reset_parameters() runs.
+    emb = FusionEmbedding(300, 4, 64, base_quant=quant, device="meta").to_empty(device="cpu")
+    emb.embedding.qmap.fill_(float("nan"))
+    for module in emb.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    ids = torch.arange(304)
+    out = emb(ids)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, emb.merge()(ids))
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_padding_idx_carries_over(quant):
+    old = torch.nn.Embedding(10, 4, padding_idx=0)
+    new = FusionEmbedding.from_embedding(old, 2, base_quant=quant)
+    assert new.padding_idx == 0 and new.merge().padding_idx == 0
+    ids = torch.tensor([0, 0, 3, 11])
+    new(ids).sum().backward()
+    if quant is None:  # a trainable base: the padding row gets no gradient, as in nn.Embedding
+        assert torch.equal(new.embedding.weight.grad[0], torch.zeros(4))
+        assert torch.equal(new.embedding.weight.grad[3], torch.ones(4))
+    assert torch.equal(new.fusion_embedding.weight.grad[1], torch.ones(4))
+    assert FusionEmbedding(10, 2, 4, padding_idx=-1).padding_idx == 9
+    with pytest.raises(ValueError, match="padding_idx"):
+        FusionEmbedding(10, 2, 4, padding_idx=10)  # a fusion row cannot be padding
+
+
 # ---- swapping into a model --------------------------------------------------------------------------
 class WithAccessors(torch.nn.Module):
     def __init__(self):

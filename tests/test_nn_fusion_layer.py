@@ -147,6 +147,21 @@ def test_cache_methods_reach_both_layers():
     assert not FusionLayer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).caches_are_setup()
 
 
+class CachedNoFlag(torch.nn.Module):
+    """torchtune's current layers: caches_are_enabled(), no cache_enabled attribute."""
+
+    def caches_are_setup(self):
+        return True
+
+    def caches_are_enabled(self):
+        return True
+
+
+def test_cache_enabled_without_per_layer_flags():
+    assert FusionLayer(CachedNoFlag(), CachedNoFlag()).cache_enabled
+    assert FusionLayer(CachedNoFlag(), torch.nn.Linear(2, 2)).cache_enabled
+
+
 def test_fusion_params_helpers():
     model = torch.nn.Module()
     model.tok = FusionEmbedding(10, 2, 4)

@@ -138,6 +138,14 @@ def test_module_overrides_follow_a_deepcopy_of_the_model(mng):
     assert opt.state[ema[0].weight]["state1"].dtype == torch.float32  # built-in override
     assert opt.state[ema[1].weight]["state1"].dtype == torch.float32  # keep_32bit_embeddings
     assert opt.state[ema[2].weight]["state1"].dtype == torch.uint8
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)  # a whole-model pickle: loading registers the loaded modules
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert mng.get_config(loaded[0].weight) == mng.get_config(loaded[1].weight) == {
+        "optim_bits": 32}
+    assert mng.get_config(loaded[2].weight) == {}
     mng.initialize()  # forgotten overrides are not revived by a later copy
     assert mng.get_config(copy.deepcopy(model)[1].weight) == {}
 

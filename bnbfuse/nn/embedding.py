@@ -29,6 +29,7 @@ class Embedding(torch.nn.Embedding):
         scale_grad_by_freq (bool): scale gradients by inverse token frequency in the batch.
         sparse (bool): sparse gradients.
         _weight (Tensor, optional): initial ``(V, D)`` weight (no re-initialisation).
+        _freeze (bool): the weight does not require grad (``from_pretrained(freeze=True)``).
         device, dtype: factory arguments of the weight.
 
     Shapes:
@@ -46,9 +47,10 @@ class Embedding(torch.nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
                  max_norm: Optional[float] = None, norm_type: float = 2.0,
                  scale_grad_by_freq: bool = False, sparse: bool = False,
-                 _weight: Optional[Tensor] = None, device=None, dtype=None) -> None:
+                 _weight: Optional[Tensor] = None, _freeze: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
-                         scale_grad_by_freq, sparse, _weight, _freeze=False, device=device,
+                         scale_grad_by_freq, sparse, _weight, _freeze, device=device,
                          dtype=dtype)
         keep_32bit_state(self, "weight")
 
@@ -70,8 +72,8 @@ class StableEmbedding(Embedding):
     Args:
         num_embeddings (int): vocabulary size ``V``.
         embedding_dim (int): embedding dimension ``D``.
-        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, _weight: as in
-            ``torch.nn.Embedding``.
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, _weight, _freeze: as
+            in ``torch.nn.Embedding``.
         device, dtype: factory arguments of the weight.
 
     Shapes:
@@ -88,10 +90,22 @@ class StableEmbedding(Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
                  max_norm: Optional[float] = None, norm_type: float = 2.0,
                  scale_grad_by_freq: bool = False, sparse: bool = False,
-                 _weight: Optional[Tensor] = None, device=None, dtype=None) -> None:
+                 _weight: Optional[Tensor] = None, _freeze: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
-                         scale_grad_by_freq, sparse, _weight, device=device, dtype=dtype)
+                         scale_grad_by_freq, sparse, _weight, _freeze, device=device,
+                         dtype=dtype)
         self.norm = torch.nn.LayerNorm(embedding_dim, device=device, dtype=torch.float32)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.half()/.bfloat16() cast the weight but not the LayerNorm: its
+        # parameters follow device moves and stay float32 (a cast would round them).
+        if recurse:
+            def keep_dtype(t):
+                moved = fn(t)
+                return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+            self.norm._apply(keep_dtype)
+        return super()._apply(fn, recurse=False)
 
     def forward(self, input: Tensor) -> Tensor:
         emb = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,

@@ -51,6 +51,9 @@ class FusionEmbedding(torch.nn.Module):
         embed_dim (int): embedding dimension ``D``.
         base_quant (str, optional): ``None``, ``"int8"`` or ``"nf4"``.
         blocksize (int): values per scale block of a quantized base (default 64).
+        padding_idx (int, optional): a base row that receives no gradient, as in
+            ``nn.Embedding`` (a bnbfuse extra; :meth:`from_embedding` copies it and
+            :meth:`merge` keeps it). Negative values count from ``V``.
         device, dtype: factory arguments; ``dtype`` is the dtype of the float tables and of
             the output.
 
@@ -75,11 +78,17 @@ class FusionEmbedding(torch.nn.Module):
 
     def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int, *,
                  base_quant: Optional[str] = None, blocksize: int = qt.DEFAULT_BLOCKSIZE,
-                 device=None, dtype=None) -> None:
+                 padding_idx: Optional[int] = None, device=None, dtype=None) -> None:
         super().__init__()
         _check_size("vocab_size", vocab_size, 1)
         _check_size("fusion_vocab_size", fusion_vocab_size, 0)
         _check_size("embed_dim", embed_dim, 1)
+        if padding_idx is not None:
+            if not -vocab_size <= padding_idx < vocab_size:
+                raise ValueError(f"padding_idx must be a base row in [-{vocab_size}, "
+                                 f"{vocab_size}), got {padding_idx}")
+            padding_idx %= vocab_size
+        self.padding_idx = padding_idx
         if base_quant is not None:
             qt.bits_of(base_quant)  # validates the name
         self.vocab_size, self.fusion_vocab_size, self.dim = vocab_size, fusion_vocab_size, embed_dim
@@ -125,7 +134,12 @@ class FusionEmbedding(torch.nn.Module):
             e = self.embedding
             return fusion_embedding_lookup(input, e.weight, e.absmax, e.qmap, fusion, e.bits,
                                            e.blocksize)
-        return fusion_embedding_lookup(input, self.embedding.weight, None, None, fusion, 0, 1)
+        base = self.embedding.weight
+        out = fusion_embedding_lookup(input, base, None, None, fusion, 0, 1)
+        if self.padding_idx is not None and base.requires_grad and torch.is_grad_enabled():
+            # nn.Embedding's padding_idx: the padding row's lookups carry no gradient.
+            out = torch.where((input == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out
 
     def fusion_params(self) -> list[str]:
         """Names of the new-token parameters (torchtune API)."""
@@ -157,13 +171,13 @@ class FusionEmbedding(torch.nn.Module):
                             f"{type(embedding).__name__}")
         V, D = weight.shape
         out = cls(V, fusion_vocab_size, D, base_quant=base_quant, blocksize=blocksize,
-                  device="meta", dtype=weight.dtype)
+                  padding_idx=getattr(embedding, "padding_idx", None), device="meta",
+                  dtype=weight.dtype)
         out.to_empty(device=weight.device)
         with torch.no_grad():
             if base_quant is None:
                 out.embedding.weight = weight
             else:
-                out.embedding.qmap.copy_(qt.quant_map(base_quant, weight.device))
                 out.embedding.quantize_(weight)
             w = weight.detach().float()
             mean, std = w.mean(0), w.std(0) if V > 1 else torch.zeros_like(w[0])
@@ -179,12 +193,15 @@ class FusionEmbedding(torch.nn.Module):
         base = (self.embedding.dequantize(fusion.dtype) if self.quantized
                 else self.embedding.weight.to(fusion.dtype))
         merged = torch.nn.Embedding(self.vocab_size + self.fusion_vocab_size, self.dim,
-                                    device=fusion.device, dtype=fusion.dtype)
+                                    padding_idx=self.padding_idx, device=fusion.device,
+                                    dtype=fusion.dtype)
         merged.weight.copy_(torch.cat([base, fusion]))
         return merged
 
     def extra_repr(self) -> str:
         s = f"vocab_size={self.vocab_size}, fusion_vocab_size={self.fusion_vocab_size}, embed_dim={self.dim}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
         if self.quantized:
             s += f", base_quant={self.base_quant!r}, blocksize={self.blocksize}"
         return s

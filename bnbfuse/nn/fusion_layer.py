@@ -1,6 +1,8 @@
 """``FusionLayer``: fuse a new layer into a pretrained decoder layer without breaking its keys."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -85,26 +87,29 @@ class FusionLayer(torch.nn.Module):
             if callable(fn):
                 fn()
 
-    def _all(self, name: str, call: bool) -> bool:
+    def _all(self, name: str, call: bool) -> Optional[bool]:
+        """Whether every layer that has ``name`` answers true; None if none has it."""
         answers = []
         for layer in self._layers():
             if hasattr(layer, name):
                 value = getattr(layer, name)
                 answers.append(bool(value() if call and callable(value) else value))
-        return bool(answers) and all(answers)
+        return all(answers) if answers else None
 
     def caches_are_setup(self) -> bool:
         """True when every layer with caches has them set up."""
-        return self._all("caches_are_setup", call=True)
+        return bool(self._all("caches_are_setup", call=True))
 
     def caches_are_enabled(self) -> bool:
         """True when every layer with caches has them enabled."""
-        return self._all("caches_are_enabled", call=True)
+        return bool(self._all("caches_are_enabled", call=True))
 
     @property
     def cache_enabled(self) -> bool:
-        """True when every layer with a ``cache_enabled`` flag has it set."""
-        return self._all("cache_enabled", call=False)
+        """True when every layer with a ``cache_enabled`` flag has it set; for layers without
+        one (torchtune's current layers), :meth:`caches_are_enabled`."""
+        flags = self._all("cache_enabled", call=False)
+        return self.caches_are_enabled() if flags is None else flags
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor, **kwargs) -> Tensor:

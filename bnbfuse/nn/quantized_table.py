@@ -62,12 +62,13 @@ class QuantizedEmbeddingTable(torch.nn.Module):
         """Quantizes a float ``(V, D)`` table (on its device)."""
         table = cls(weight.shape[0], weight.shape[1], scheme, blocksize, device="meta")
         table.to_empty(device=weight.device)
-        table.qmap.copy_(qt.quant_map(scheme, weight.device))
         return table.quantize_(weight)
 
     def reset_parameters(self, rows_per_chunk: int = 8192) -> None:
-        """Fills the table with quantized ``N(0, 1)`` values, chunk by chunk."""
+        """Fills the table with quantized ``N(0, 1)`` values, chunk by chunk (and the map:
+        after ``to_empty()`` every buffer holds garbage)."""
         with torch.no_grad():
+            self.qmap.copy_(qt.quant_map(self.scheme, self.qmap.device))
             for r0 in range(0, self.num_embeddings, rows_per_chunk):
                 n = min(rows_per_chunk, self.num_embeddings - r0)
                 w = torch.randn(n, self.embedding_dim, device=self.weight.device)
@@ -83,6 +84,7 @@ class QuantizedEmbeddingTable(torch.nn.Module):
                              f"table, got {tuple(weight.shape)}")
         codes, absmax = qt.quantize_table(weight.detach().to(self.weight.device), self.scheme,
                                           self.blocksize)
+        self.qmap.copy_(qt.quant_map(self.scheme, self.qmap.device))
         self.weight.copy_(codes)
         self.absmax.copy_(absmax)
         return self
@@ -90,7 +92,7 @@ class QuantizedEmbeddingTable(torch.nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The whole table as a float ``(V, D)`` tensor of ``dtype``."""
         return qt.dequantize_table(self.weight, self.absmax, self.scheme, self.blocksize,
-                                   self.embedding_dim, dtype)
+                                   self.embedding_dim, dtype, qmap=self.qmap)
 
     def forward(self, input: Tensor) -> Tensor:
         empty = torch.empty(0, self.embedding_dim, dtype=torch.float32, device=self.weight.device)

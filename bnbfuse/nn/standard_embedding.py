@@ -22,7 +22,8 @@ class StandardEmbedding(torch.nn.Module):
     Args:
         num_embeddings (int): table size ``V``.
         embed_dim (int): dimension ``E`` of the returned embeddings.
-        pad_idx (int, optional): padding row (zero, no gradient).
+        pad_idx (int, optional): padding row (zero, no gradient); negative counts from the
+            end. Also readable as ``padding_idx``.
         init_fn (callable, optional): ``init_fn(embedding)`` fills ``embedding.weight``.
         device, dtype: factory arguments of the weight.
 
@@ -46,11 +47,14 @@ class StandardEmbedding(torch.nn.Module):
         if num_embeddings < 1 or embed_dim < 1:
             raise ValueError(f"num_embeddings and embed_dim must be positive, got "
                              f"{num_embeddings} and {embed_dim}")
-        if pad_idx is not None and not 0 <= pad_idx < num_embeddings:
-            raise ValueError(f"pad_idx must be in [0, {num_embeddings}), got {pad_idx}")
+        if pad_idx is not None and not -num_embeddings <= pad_idx < num_embeddings:
+            raise ValueError(f"pad_idx {pad_idx} is out of range for {num_embeddings} "
+                             "embeddings")
         self.num_embeddings = num_embeddings
         self.embed_dim = embed_dim
-        self.pad_idx = pad_idx
+        # negative counts from the end, as nn.Embedding's padding_idx (and ShardedEmbedding)
+        self.pad_idx = None if pad_idx is None else pad_idx % num_embeddings
+        self.padding_idx = self.pad_idx  # nn.Embedding's name, for code that reads it
         self.init_fn = init_fn
         self.weight = torch.nn.Parameter(
             torch.empty(num_embeddings, embed_dim, device=device, dtype=dtype))

@@ -9,7 +9,8 @@ the parameter's state), which fixes three bitsandbytes problems:
 - overriding one parameter never changes its siblings;
 - a module override registered when the module is built (embeddings do this) survives
   ``.to()``, ``load_state_dict(assign=True)`` or sharding replacing the Parameter object,
-  and ``copy.deepcopy`` of the model (EMA or teacher copies) carries it to the copy.
+  and ``copy.deepcopy`` of the model (EMA or teacher copies) or pickling it whole carries
+  it to the copy.
 
 ``register_parameters`` is accepted for compatibility; it is not required.
 """
@@ -142,7 +143,9 @@ class _ModuleOverrides(dict):
 
     ``copy.deepcopy(model)`` copies each module's attributes, this one included; deepcopy's
     memo already maps the module to its copy by then, so the copy is registered with the
-    same overrides. An entry the registry has forgotten (``initialize()``) copies inert.
+    same overrides. Pickling (``torch.save(model)``) saves the module with them, and
+    unpickling registers the loaded module (pickle rebuilds the module object before its
+    attributes). An entry the registry has forgotten (``initialize()``) copies inert.
     """
 
     def __init__(self, module: torch.nn.Module):
@@ -162,8 +165,20 @@ class _ModuleOverrides(dict):
         return result
 
     def __reduce__(self):
-        # pickling (torch.save of a whole model) keeps the data, not the registration
-        return (dict, (dict(self),))
+        owner = self._owner()
+        if owner is None or not GlobalOptimManager.get_instance()._is_registered(owner, self):
+            return (dict, (dict(self),))
+        return (_register_loaded, (owner, dict(self)))
+
+
+def _register_loaded(module, overrides: dict) -> dict:
+    """Unpickling: registers the module being loaded with its saved overrides."""
+    if not isinstance(module, torch.nn.Module):
+        return overrides
+    result = GlobalOptimManager.get_instance()._module_overrides(module)
+    for name, config in overrides.items():
+        result.setdefault(name, {}).update(config)
+    return result
 
 
 def _module_param(module: torch.nn.Module, name: str):
