@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import operator
 from typing import Any, Optional
 
 import torch
@@ -21,7 +21,8 @@ import torch
 from . import _ops  # noqa: F401  (declares the ops)
 from . import backends  # noqa: F401  (registers their kernels)
 
-__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantState"]
+__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantState",
+           "DtypeError"]
 
 _MAP_CACHE: dict = {}
 
@@ -32,8 +33,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     Decade k (0 .. max_exponent_bits-1) holds the midpoints of ``linspace(0.1, 1, n+1)``
     (float32) times ``10**(k - max_exponent_bits + 1)``, with ``n = 2**(k + t)`` values per
     sign when ``signed`` (``t = total_bits - 1 - max_exponent_bits``) and ``2**(k + t + 1)``
-    when not; then 0 and 1.0 (a signed map has no -1). Returned sorted, float32, with
-    ``2**total_bits`` entries.
+    when not; then 0 and 1.0 (a signed map has no -1). Returned sorted, float32, padded
+    with zeros to 256 entries as bitsandbytes does (``total_bits < 8``).
 
     Args:
         signed: both signs (optimizer first moments) or non-negative only (second moments).
@@ -41,7 +42,10 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         total_bits: bits per code.
 
     Returns:
-        Tensor of shape ``(2**total_bits,)``, dtype float32.
+        Tensor of shape ``(256,)``, dtype float32.
+
+    Raises:
+        ValueError: when the decades do not make ``2**total_bits`` values.
 
     Example:
         >>> m = create_dynamic_map(signed=False)
@@ -63,9 +67,10 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         if signed:
             values += (-scaled).tolist()
     values += [0.0, 1.0]
-    values += [0.0] * (2**total_bits - len(values))
     if len(values) != 2**total_bits:
-        raise ValueError(f"{max_exponent_bits} exponent bits do not fit in {total_bits} bits")
+        raise ValueError(f"{max_exponent_bits} exponent bits make {len(values)} values, not "
+                         f"2**{total_bits}{'' if signed else ' (unsigned)'}")
+    values += [0.0] * (256 - len(values))  # as bitsandbytes: always 256 entries
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
@@ -77,33 +82,64 @@ def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     return _MAP_CACHE[key]
 
 
-@dataclass
 class QuantState:
     """What dequantization needs besides the codes (bitsandbytes' ``QuantState``).
+
+    Same constructor order, attributes, ``==``, list-style indexing and dict form as
+    bitsandbytes 0.50, so states pass between the two libraries.
 
     Attributes:
         absmax: per-block scale, float32 of shape ``(blocks,)`` (codes of it when nested).
         shape: shape of the original tensor.
-        code: the 256-value map.
+        code: the 256-value map (the state's own copy).
         blocksize: elements per block.
+        quant_type: ``None`` for blockwise 8-bit states, as in bitsandbytes.
         dtype: dtype of the original tensor (and of dequantized output).
-        quant_type: ``"blockwise8"``.
         offset: mean subtracted from absmax before nesting (nested only).
         state2: QuantState of the absmax quantization (nested only).
+        nested: whether ``state2`` is set.
     """
 
-    absmax: torch.Tensor
-    shape: Optional[torch.Size] = None
-    code: Optional[torch.Tensor] = None
-    blocksize: int = 4096
-    dtype: torch.dtype = torch.float32
-    quant_type: str = "blockwise8"
-    offset: Optional[torch.Tensor] = None
-    state2: Optional["QuantState"] = None
+    def __init__(self, absmax: torch.Tensor, shape: Optional[torch.Size] = None,
+                 code: Optional[torch.Tensor] = None, blocksize: Optional[int] = None,
+                 quant_type: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                 offset: Optional[torch.Tensor] = None, state2: Optional["QuantState"] = None):
+        self.absmax = absmax
+        self.shape = shape
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+        self.nested = state2 is not None
 
-    @property
-    def nested(self) -> bool:
-        return self.state2 is not None
+    def __repr__(self) -> str:
+        return (f"QuantState(shape={self.shape}, blocksize={self.blocksize}, "
+                f"dtype={self.dtype}, nested={self.nested})")
+
+    def __getitem__(self, idx):
+        """bitsandbytes' older list layout: ``[absmax, shape, dtype, blocksize, [offset,
+        state2] or None, quant_type]``."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, QuantState):
+            return False
+
+        def same(a, b):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.shape == b.shape and torch.allclose(a.float().cpu(), b.float().cpu(),
+                                                            atol=1e-6)
+            return a is b if a is None or b is None else a == b
+
+        return (same(self.absmax, other.absmax) and self.shape == other.shape
+                and same(self.code, other.code) and self.dtype == other.dtype
+                and self.blocksize == other.blocksize and self.quant_type == other.quant_type
+                and same(self.offset, other.offset) and same(self.state2, other.state2))
+
+    __hash__ = None  # mutable, compared by value
 
     def to(self, device) -> "QuantState":
         self.absmax = self.absmax.to(device)
@@ -139,7 +175,8 @@ class QuantState:
         tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
         plain = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
         blob = torch.frombuffer(bytearray(json.dumps(plain).encode()), dtype=torch.uint8)
-        tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = blob
+        # bitsandbytes packs only its 4-bit states; a blockwise state packs under "blockwise8"
+        tensors[f"quant_state.bitsandbytes__{self.quant_type or 'blockwise8'}"] = blob
         return tensors
 
     @classmethod
@@ -165,16 +202,40 @@ class QuantState:
         shape = torch.Size(d["shape"]) if d.get("shape") is not None else None
         return cls(absmax=d["absmax"].to(device), shape=shape, code=d["quant_map"].to(device),
                    blocksize=int(d["blocksize"]), dtype=getattr(torch, d["dtype"]),
-                   quant_type=d.get("quant_type", "blockwise8"), offset=offset, state2=state2)
+                   quant_type=d.get("quant_type"), offset=offset, state2=state2)
 
 
-def _check_input(A: torch.Tensor, blocksize: int) -> None:
+class DtypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype. bitsandbytes raises ValueError here and torch TypeError:
+    both ``except`` clauses catch it."""
+
+
+def _blocksize(blocksize) -> int:
+    """blocksize as an int (Python, NumPy or 0-d tensor integers, as bitsandbytes takes)."""
+    try:
+        value = operator.index(blocksize)
+    except TypeError:
+        value = None
+    if value is None or isinstance(blocksize, bool) or value < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    return value
+
+
+def _check_input(A: torch.Tensor) -> None:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"expected a tensor, got {type(A).__name__}")
     if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"quantize_blockwise takes float32, float16 or bfloat16, got {A.dtype}")
-    if not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+        raise DtypeError(f"quantize_blockwise takes float32, float16 or bfloat16, got {A.dtype}")
+
+
+def _check_buffer(name: str, buf: torch.Tensor, shape: tuple, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """An out=/absmax= buffer must be exactly the result's: no silent cast or reshape."""
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(buf).__name__}")
+    if buf.dtype != dtype or tuple(buf.shape) != tuple(shape) or buf.device != device:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+                         f"got {buf.dtype} of shape {tuple(buf.shape)} on {buf.device}")
 
 
 def _check_code(code: torch.Tensor) -> None:
@@ -200,26 +261,34 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         absmax: optional float32 output buffer for the block maxima.
         out: optional uint8 output buffer of A's shape.
         blocksize: elements per block (64 .. 4096 typical).
-        nested: also quantize the absmax values (blocks of 256) after removing their mean.
+        nested: also quantize the absmax values (in blocks of ``blocksize``, as bitsandbytes)
+            after removing their mean.
 
     Returns:
         ``(codes, QuantState)``: codes is uint8 of A's shape.
     """
-    _check_input(A, blocksize)
+    _check_input(A)
+    blocksize = _blocksize(blocksize)
     if code is None:
         code = dynamic_map(True, A.device)
     _check_code(code)
-    codes, amax = torch.ops.bnbfuse.quantize_blockwise(A, code.to(A.device), blocksize)
+    code = code.to(A.device, copy=True)  # the state's own map: never the shared default
+    nblocks = -(A.numel() // -blocksize)
+    if out is not None:
+        _check_buffer("out", out, A.shape, torch.uint8, A.device)
+    if absmax is not None:
+        _check_buffer("absmax", absmax, (nblocks,), torch.float32, A.device)
+    codes, amax = torch.ops.bnbfuse.quantize_blockwise(A, code, blocksize)
     if out is not None:
         codes = out.copy_(codes.view(out.shape))
     if absmax is not None:
         amax = absmax.copy_(amax.view(absmax.shape))
-    state = QuantState(absmax=amax, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
+    offset = state2 = None
     if nested:
         offset = amax.mean()
-        qabs, state2 = quantize_blockwise(amax - offset, blocksize=256)
-        state.absmax, state.offset, state.state2 = qabs, offset, state2
-    return codes, state
+        amax, state2 = quantize_blockwise(amax - offset, blocksize=blocksize)
+    return codes, QuantState(absmax=amax, shape=A.shape, code=code, blocksize=blocksize,
+                             dtype=A.dtype, offset=offset, state2=state2)
 
 
 def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = None,
@@ -230,9 +299,10 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
 
     Pass either ``quant_state`` or ``absmax`` (plus ``code``/``blocksize`` when not default).
     """
-    if not isinstance(A, torch.Tensor) or A.dtype != torch.uint8:
-        raise TypeError(f"dequantize_blockwise takes uint8 codes, got "
-                        f"{getattr(A, 'dtype', type(A).__name__)}")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"dequantize_blockwise takes uint8 codes, got {type(A).__name__}")
+    if A.dtype != torch.uint8:
+        raise DtypeError(f"dequantize_blockwise takes uint8 codes, got {A.dtype}")
     if quant_state is None:
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
@@ -243,14 +313,15 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
         amax = dequantize_blockwise(amax, quant_state.state2) + quant_state.offset
     qcode = quant_state.code if quant_state.code is not None else dynamic_map(True, A.device)
     _check_code(qcode)
-    bs = quant_state.blocksize
-    if not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"blocksize must be a positive int, got {bs!r}")
+    bs = _blocksize(quant_state.blocksize)
     if amax.numel() < -(A.numel() // -bs):
         raise ValueError(f"absmax has {amax.numel()} values; {A.numel()} codes in blocks of "
                          f"{bs} need {-(A.numel() // -bs)}")
+    dtype = quant_state.dtype if quant_state.dtype is not None else torch.float32
+    if out is not None:
+        _check_buffer("out", out, A.shape, dtype, A.device)
     result = torch.ops.bnbfuse.dequantize_blockwise(A, amax.to(torch.float32), qcode.to(A.device),
-                                                    quant_state.blocksize, quant_state.dtype)
+                                                    bs, dtype)
     if out is not None:
         return out.copy_(result.view(out.shape))
     return result

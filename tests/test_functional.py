@@ -324,6 +324,42 @@ def test_quant_state_round_trip(packed, nested, dtype):
     assert (y.float() - x.float()).abs().mean() < 0.011
 
 
+def test_quant_state_is_bitsandbytes_shaped():
+    # bitsandbytes' positional order: absmax, shape, code, blocksize, quant_type, dtype, ...
+    s = F.QuantState(torch.ones(3), None, None, 64, None, torch.float16)
+    assert s.blocksize == 64 and s.quant_type is None and s.dtype == torch.float16
+    x = torch.randn(3000)
+    _, a = F.quantize_blockwise(x, blocksize=256, nested=True)
+    _, b = F.quantize_blockwise(x, blocksize=256, nested=True)
+    assert a == b and a != F.quantize_blockwise(x * 2, blocksize=256)[1]
+    assert a.nested and a.state2.blocksize == 256  # the caller's blocksize, as bitsandbytes
+    assert a[0] is a.absmax and a[3] == 256 and a[4][1] is a.state2 and a[5] is None
+
+
+def test_quant_state_owns_its_map():
+    x = torch.randn(3000)
+    _, s = F.quantize_blockwise(x, blocksize=256, nested=True)
+    s.code.mul_(2)  # must not reach the next call's default map
+    assert float(F.quantize_blockwise(x, blocksize=256)[1].code.max()) == 1.0
+    # no two tensors of as_dict() share memory (safetensors refuses that)
+    ptrs = [v.untyped_storage().data_ptr() for v in s.as_dict().values()
+            if isinstance(v, torch.Tensor)]
+    assert len(ptrs) == len(set(ptrs))
+
+
+def test_quant_state_interoperates_with_bitsandbytes():
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    x = torch.randn(5000)
+    for nested in (False, True):
+        codes, ours = F.quantize_blockwise(x, blocksize=256, nested=nested)
+        theirs = bnbF.QuantState.from_dict(ours.as_dict(), device="cpu")
+        assert torch.equal(F.dequantize_blockwise(codes, theirs),
+                           F.dequantize_blockwise(codes, ours))
+        back = F.QuantState.from_dict(bnbF.quantize_blockwise(x, blocksize=256,
+                                                              nested=nested)[1].as_dict())
+        assert back.nested == nested and back.blocksize == 256 and back.quant_type is None
+
+
 def test_quant_state_errors():
     with pytest.raises(KeyError, match="absmax"):
         F.QuantState.from_dict({"blocksize": 4, "quant_map": torch.zeros(256), "dtype": "float32"})
@@ -353,6 +389,47 @@ def test_bad_inputs_raise_clearly():
         F.dequantize_blockwise(codes, absmax=state.absmax, blocksize=0)
     with pytest.raises(ValueError, match="quant_state or absmax"):
         F.dequantize_blockwise(codes)
+    # out=/absmax= buffers are the result's own: wrong dtype or shape raises, never casts
+    with pytest.raises(ValueError, match="out must be a torch.uint8 tensor of shape"):
+        F.quantize_blockwise(x, out=torch.empty(10, 100, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="absmax must be a torch.float32"):
+        F.quantize_blockwise(x, absmax=torch.empty(2, 2), blocksize=256)
+    with pytest.raises(ValueError, match="out must be a torch.float32"):
+        F.dequantize_blockwise(codes, state, out=torch.empty(1000, dtype=torch.int32))
+    with pytest.raises(ValueError, match="shape"):
+        F.dequantize_blockwise(codes, state, out=torch.empty(10, 100))
+
+
+def test_dtype_errors_are_both_type_and_value_errors():
+    # bitsandbytes raises ValueError for a wrong dtype, torch TypeError: both clauses catch.
+    for call in (lambda: F.quantize_blockwise(torch.arange(10)),
+                 lambda: F.dequantize_blockwise(torch.randn(10), absmax=torch.ones(1))):
+        with pytest.raises(ValueError):
+            call()
+        with pytest.raises(TypeError):
+            call()
+
+
+def test_blocksize_takes_numpy_and_tensor_integers():
+    x = torch.randn(1000)
+    ref_codes, ref = F.quantize_blockwise(x, blocksize=256)
+    for bs in (np.int64(256), torch.tensor(256)):
+        codes, state = F.quantize_blockwise(x, blocksize=bs)
+        assert torch.equal(codes, ref_codes) and state.blocksize == 256
+        assert torch.equal(F.dequantize_blockwise(codes, absmax=state.absmax, blocksize=bs),
+                           F.dequantize_blockwise(ref_codes, ref))
+    with pytest.raises(ValueError, match="blocksize"):
+        F.quantize_blockwise(x, blocksize=2.5)
+
+
+def test_small_dynamic_maps_like_bitsandbytes():
+    m = F.create_dynamic_map(True, 3, 4)  # 16 values, padded with zeros to 256
+    assert m.shape == (256,) and int((m != 0).sum()) == 15
+    with pytest.raises(ValueError, match="2\\*\\*8"):
+        F.create_dynamic_map(False, 4, 8)
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    for args in [(True, 3, 4), (False, 3, 4), (True, 5, 8)]:
+        assert torch.equal(F.create_dynamic_map(*args), bnbF.create_dynamic_map(*args))
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
