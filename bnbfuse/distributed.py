@@ -41,7 +41,7 @@ import torch
 
 __all__ = [
     "dtensor_optimizer_state_dict", "local_optimizer_state_dict", "state_to_dtensors",
-    "state_to_local", "is_dtensor", "to_local",
+    "state_to_local", "is_dtensor", "to_local", "as_param_layout",
 ]
 
 BLOCKSIZE = 256  # elements per 8-bit optimizer state block (DESIGN.md)
@@ -117,6 +117,12 @@ def _param_layout(v: torch.Tensor, p) -> "DTensor":
     return DTensor.from_local(v.contiguous(), p.device_mesh,
                               [_shift(pl, lead) for pl in p.placements],
                               run_check=False, shape=shape, stride=stride)
+
+
+def as_param_layout(v: torch.Tensor, p) -> torch.Tensor:
+    """``v``, a tensor of DTensor parameter ``p``'s local shape, as a DTensor laid out like
+    ``p`` (a plain ``p``: ``v`` unchanged). What ``torch_state_dict`` gives torch.optim."""
+    return _param_layout(v, p) if is_dtensor(p) else v
 
 
 def _contiguous_strides(shape) -> list[int]:

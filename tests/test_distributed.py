@@ -351,6 +351,95 @@ def test_state_dict_conversion_round_trip():
         assert "plain tensor" in r["plain_error"]
 
 
+# ---- torch.optim conversion under FSDP2 -------------------------------------------------------
+def _torch_conversion_body(rank, world):
+    import bnbfuse as bnb
+
+    out = {}
+    # bnbfuse -> torch.optim.AdamW on the same FSDP2 parameters: DTensor state, and steps
+    model = _fsdp(_mlp(), world)
+    opt = bnb.optim.AdamW32bit(model.parameters(), lr=1e-2)
+    _train(model, opt, 2, 0, rank, world)
+    tsd = opt.torch_state_dict()
+    out["exp_avg_type"] = type(tsd["state"][0]["exp_avg"]).__name__
+    topt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    topt.load_state_dict(tsd)
+    _train(model, topt, 1, 2, rank, world)
+    out["torch_after"] = _full_params(model)
+    # the same, never converted: 32-bit state follows torch.optim closely
+    ref = _fsdp(_mlp(), world)
+    ropt = bnb.optim.AdamW32bit(ref.parameters(), lr=1e-2)
+    _train(ref, ropt, 3, 0, rank, world)
+    out["bnb_3_steps"] = _full_params(ref)
+    # torch.optim.AdamW (DTensor state) -> bnbfuse 8-bit
+    model = _fsdp(_mlp(), world)
+    topt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, topt, 2, 0, rank, world)
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)
+    opt.load_torch_state_dict(topt.state_dict())
+    out["loaded_step"] = opt.state[model[0].weight]["step"]
+    _train(model, opt, 1, 2, rank, world)
+    return out
+
+
+def test_torch_optim_conversion_under_fsdp2():
+    res = run_workers(_torch_conversion_body, world_size=WORLD, timeout=120)
+    for r in res:
+        assert r["exp_avg_type"] == "DTensor" and r["loaded_step"] == 2
+        for k, v in r["torch_after"].items():
+            torch.testing.assert_close(v, r["bnb_3_steps"][k], rtol=1e-5, atol=1e-6)
+
+
+# ---- tensor parallelism: Partial gradients -----------------------------------------------------
+class _TPNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(16)
+        self.w1 = torch.nn.Linear(16, 32)
+        self.w2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.w2(torch.relu(self.w1(self.norm(x))))
+
+
+def _tp_body(rank, world):
+    import bnbfuse as bnb
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    mesh = init_device_mesh("cpu", (world,))
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name in ("bnbfuse", "torch"):
+        m = _TPNet()
+        # the sequence-parallel LayerNorm's weight gets a Partial (per-rank sum) gradient
+        parallelize_module(m, mesh, {"norm": SequenceParallel(),
+                                     "w1": ColwiseParallel(input_layouts=Shard(1)),
+                                     "w2": RowwiseParallel(output_layouts=Shard(1))})
+        opt = (bnb.optim.AdamW(m.parameters(), lr=1e-2) if name == "bnbfuse"
+               else torch.optim.AdamW(m.parameters(), lr=1e-2))
+        for _ in range(3):
+            m(x[:, rank * 2:(rank + 1) * 2]).square().sum().backward()  # a local output
+            out.setdefault("placements", str(m.norm.weight.grad.placements))
+            opt.step()
+            opt.zero_grad()
+        out[name] = {k: p.to_local().detach().clone() for k, p in m.named_parameters()}
+    return out
+
+
+def test_tensor_parallel_partial_gradients_are_reduced():
+    res = run_workers(_tp_body, world_size=WORLD, timeout=120)
+    assert "Partial" in res[0]["placements"]
+    for r in res:
+        for k, v in r["bnbfuse"].items():
+            torch.testing.assert_close(v, r["torch"][k], rtol=1e-5, atol=1e-6)
+    # the replicated LayerNorm weight stays identical on both ranks
+    assert torch.equal(res[0]["bnbfuse"]["norm.weight"], res[1]["bnbfuse"]["norm.weight"])
+
+
 # ---- DDP: unchanged --------------------------------------------------------------------------
 def _ddp_body(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP

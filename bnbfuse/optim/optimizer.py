@@ -23,7 +23,8 @@ from typing import Any, Optional
 import torch
 
 from .. import functional as F
-from ..distributed import dtensor_optimizer_state_dict, local_optimizer_state_dict
+from ..distributed import (as_param_layout, dtensor_optimizer_state_dict,
+                           local_optimizer_state_dict)
 from .manager import GlobalOptimManager
 
 __all__ = ["Optimizer8bit", "Optimizer1State", "Optimizer2State"]
@@ -360,6 +361,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             self._init_state(p, state, cfg)
+        if _is_dtensor(grad) and any(pl.is_partial() for pl in grad.placements):
+            # Tensor parallelism leaves some gradients as per-rank partial sums (torch.optim's
+            # DTensor ops reduce them implicitly): reduce to the parameter's layout first.
+            grad = grad.redistribute(grad.device_mesh, p.placements)
         p_local, g_local = _local(p), _local(grad)
         if g_local.shape != p_local.shape:
             raise RuntimeError(f"{name}: gradient shape {tuple(g_local.shape)} does not match "
@@ -624,7 +629,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 if st and st["step"] > 0:
                     entry = {"step": torch.tensor(float(st["step"]))}
                     for i, key in enumerate(names, start=1):
-                        entry[key] = self._get_state(st, i)
+                        # a DTensor parameter's state in its layout, as torch.optim keeps it
+                        entry[key] = as_param_layout(self._get_state(st, i), p)
                     state[index] = entry
                 ids.append(index)
                 index += 1
@@ -677,9 +683,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                     what = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
                     raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
                                      f"must be a real floating-point tensor, got {what}")
-                if tuple(tst[k].shape) != tuple(local.shape):
+                # a DTensor state (FSDP2, as torch.optim keeps it) is compared by its shard
+                if tuple(_local(v).shape) != tuple(local.shape):
                     raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
-                                     f"has shape {tuple(tst[k].shape)}, expected "
+                                     f"has shape {tuple(_local(v).shape)}, expected "
                                      f"{tuple(local.shape)}")
             new_state[p] = tst
         for g, upd in zip(self.param_groups, updates):
@@ -695,7 +702,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 step = tst.get("step", 1)
                 st["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
                 for i, k in enumerate(names, start=1):
-                    self._set_state(st, i, _local(tst[k]) if _is_dtensor(tst[k]) else tst[k])
+                    self._set_state(st, i, _local(tst[k]))
                 self.state[p] = st
 
 
