@@ -27,11 +27,12 @@ def _sharded_embedding_body(rank, world):
     torch.manual_seed(100 + rank)  # different RNG states: the init must not depend on them
     num, dim, pad = 37, 8, 3
     emb = bnb.nn.ShardedEmbedding(num, dim, pad)
-    out["local_shape"] = tuple(emb.weight.shape)
+    out["local_shape"] = tuple(emb.local_weight().shape)
+    out["weight"] = (type(emb.weight).__name__, tuple(emb.weight.shape), str(emb.weight.placements))
     full = emb.to_embedding()
     out["full_type"] = type(full).__name__
     out["full"] = full.weight.detach().clone()
-    out["local"] = emb.weight.detach().clone()
+    out["local"] = emb.local_weight().detach().clone()
 
     # forward == lookup in the full table; backward == this rank's slice of the full gradient
     ids = torch.tensor([[0, 3, 5, 36], [5, 5, 3, 11]])
@@ -42,16 +43,17 @@ def _sharded_embedding_body(rank, world):
     ref = full.weight.detach().clone().requires_grad_(True)
     (F.embedding(ids, ref, pad) * w).sum().backward()
     cols = slice(rank * dim // world, (rank + 1) * dim // world)
-    out["grad_ok"] = torch.equal(emb.weight.grad, ref.grad[:, cols])
-    out["pad_grad_zero"] = bool((emb.weight.grad[pad] == 0).all())
-    out["grad_nonzero"] = bool(emb.weight.grad[5].abs().sum() > 0)
+    grad = emb.weight.grad.to_local()  # a DTensor like the weight
+    out["grad_ok"] = torch.equal(grad, ref.grad[:, cols])
+    out["pad_grad_zero"] = bool((grad[pad] == 0).all())
+    out["grad_nonzero"] = bool(grad[5].abs().sum() > 0)
 
     # from_embedding / to_embedding round trip, on a table with a recognisable layout
     src = bnb.nn.StandardEmbedding(num, dim, pad)
     with torch.no_grad():
         src.weight.copy_(torch.arange(num * dim, dtype=torch.float32).reshape(num, dim))
     sh = bnb.nn.ShardedEmbedding.from_embedding(src)
-    out["from_slice_ok"] = torch.equal(sh.weight, src.weight.detach()[:, cols])
+    out["from_slice_ok"] = torch.equal(sh.local_weight(), src.weight.detach()[:, cols])
     back = sh.to_embedding()
     out["roundtrip_ok"] = (torch.equal(back.weight, src.weight) and back.pad_idx == pad
                            and back.embed_dim == dim)
@@ -63,7 +65,7 @@ def _sharded_embedding_body(rank, world):
             e.weight.copy_(torch.arange(e.num_embeddings * e.embed_dim,
                                         dtype=torch.float32).reshape(e.num_embeddings, -1))
     e2 = bnb.nn.ShardedEmbedding(num, dim, init_fn=init_arange)
-    out["init_fn_ok"] = torch.equal(e2.weight, src.weight.detach()[:, cols])
+    out["init_fn_ok"] = torch.equal(e2.local_weight(), src.weight.detach()[:, cols])
 
     # training with an 8-bit optimizer: the table keeps 32-bit (elementwise) state, so the
     # sharded run is the full run's slice, bit for bit
@@ -77,8 +79,17 @@ def _sharded_embedding_body(rank, world):
         for o in (sh_opt, full_opt):
             o.step()
             o.zero_grad()
-    out["train_ok"] = torch.equal(sh.weight, src.weight.detach()[:, cols])
+    out["train_ok"] = torch.equal(sh.local_weight(), src.weight.detach()[:, cols])
     out["train_32bit"] = sh_opt.state[sh.weight]["state1"].dtype == torch.float32
+
+    # only plain lookup tables shard: what the forward would lose raises
+    out["extras"] = []
+    for extra in (bnb.nn.StableEmbedding(num, dim), torch.nn.Embedding(num, dim, max_norm=1.0)):
+        try:
+            bnb.nn.ShardedEmbedding.from_embedding(extra)
+            out["extras"].append("no error")
+        except ValueError as e:
+            out["extras"].append(str(e))
 
     # embed_dim not divisible by the group size
     try:
@@ -90,8 +101,8 @@ def _sharded_embedding_body(rank, world):
     # a sub-group: each rank alone in its own group -> unsharded
     groups = [dist.new_group([r]) for r in range(world)]
     solo = bnb.nn.ShardedEmbedding(num, dim, process_group=groups[rank])
-    out["solo_shape"] = tuple(solo.weight.shape)
-    out["solo_fwd_ok"] = torch.equal(solo(ids), F.embedding(ids, solo.weight))
+    out["solo_shape"] = tuple(solo.local_weight().shape)
+    out["solo_fwd_ok"] = torch.equal(solo(ids), F.embedding(ids, solo.local_weight()))
     return out
 
 
@@ -99,6 +110,7 @@ def test_sharded_embedding():
     res = run_workers(_sharded_embedding_body, world_size=WORLD, timeout=90)
     for rank, r in enumerate(res):
         assert r["local_shape"] == (37, 4)
+        assert r["weight"] == ("DTensor", (37, 8), "(Shard(dim=1),)")
         assert r["full_type"] == "StandardEmbedding"
         assert r["fwd_ok"] and r["grad_ok"] and r["grad_nonzero"], rank
         assert r["pad_grad_zero"], rank
@@ -106,12 +118,54 @@ def test_sharded_embedding():
         assert r["init_fn_ok"], rank
         assert r["train_ok"] and r["train_32bit"], rank
         assert "divisible" in r["bad_dim"], r["bad_dim"]
+        assert "LayerNorm" in r["extras"][0] and "max_norm" in r["extras"][1], r["extras"]
         assert r["solo_shape"] == (37, 8) and r["solo_fwd_ok"]
     # identical initial table on every rank although their RNGs differed; pad row zeroed
     assert torch.equal(res[0]["full"], res[1]["full"])
     assert torch.equal(res[0]["full"][:, :4], res[0]["local"])
     assert torch.equal(res[0]["full"][:, 4:], res[1]["local"])
     assert (res[0]["full"][3] == 0).all() and res[0]["full"].abs().sum() > 0
+
+
+def _sharded_embedding_dcp_body(rank, world, root):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import bnbfuse as bnb
+
+    ids = torch.tensor([[1, 2, 3, 0], [7, 7, 19, 4]])
+
+    def step(emb, opt):
+        emb(ids).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    torch.manual_seed(0)
+    emb = bnb.nn.ShardedEmbedding(20, 8, pad_idx=0)
+    opt = bnb.optim.AdamW8bit(emb.parameters(), lr=1e-2)
+    step(emb, opt)
+    msd, osd = get_state_dict(emb, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=root)
+    torch.manual_seed(1)  # another initial table: everything must come from the checkpoint
+    emb2 = bnb.nn.ShardedEmbedding(20, 8, pad_idx=0)
+    opt2 = bnb.optim.AdamW8bit(emb2.parameters(), lr=1e-2)
+    msd2, osd2 = get_state_dict(emb2, opt2)
+    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=root)
+    set_state_dict(emb2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
+    same = (torch.equal(emb2.local_weight(), emb.local_weight())
+            and all(torch.equal(opt2.state[emb2.weight][k], v)  # the local state
+                    for k, v in opt.state[emb.weight].items() if isinstance(v, torch.Tensor)))
+    step(emb, opt)
+    step(emb2, opt2)
+    return {"restored": same, "resumed": torch.equal(emb2.local_weight(), emb.local_weight()),
+            "local": emb.local_weight().detach().clone()}
+
+
+def test_sharded_embedding_dcp_checkpoint_keeps_every_rank_columns(tmp_path):
+    res = run_workers(_sharded_embedding_dcp_body, str(tmp_path), world_size=WORLD, timeout=120)
+    for r in res:
+        assert r["restored"] and r["resumed"]
+    assert not torch.equal(res[0]["local"], res[1]["local"])  # two different column blocks
 
 
 def test_sharded_embedding_needs_process_group():

@@ -63,7 +63,13 @@ class ShardedEmbedding(nn.Module):
     backward hands each rank its own columns of the output gradient (no communication), so
     a rank's ``weight.grad`` is exactly its slice of the gradient the unsharded table would
     get. Like :class:`~bnbfuse.nn.StandardEmbedding`, the weight keeps 32-bit state in
-    bnbfuse 8-bit optimizers. This is tensor parallelism: **every rank of the group must feed the same ids**
+    bnbfuse 8-bit optimizers.
+
+    The weight is a ``DTensor`` of the full shape, sharded on its columns (``Shard(1)``) over
+    a device mesh of the group; ``weight.to_local()`` is this rank's slice (what fairseq2's
+    ``weight`` holds). So ``torch.distributed.checkpoint`` saves every rank's columns of it
+    and of its optimizer state, ``full_tensor()`` gathers it, and optimizers see an ordinary
+    tensor-parallel parameter. This is tensor parallelism: **every rank of the group must feed the same ids**
     (combine it with data parallelism over a different group).
 
     Args:
@@ -84,7 +90,8 @@ class ShardedEmbedding(nn.Module):
 
     Shapes:
         - input: ``(*)`` integer ids in ``[0, num_embeddings)``, identical on every rank.
-        - output: ``(*, embed_dim)``; ``weight``: ``(num_embeddings, embed_dim // W)``.
+        - output: ``(*, embed_dim)``; ``weight``: ``(num_embeddings, embed_dim)`` DTensor,
+          ``weight.to_local()``: ``(num_embeddings, embed_dim // W)``.
 
     Raises:
         ValueError: ``embed_dim`` is not divisible by the group size, or a size is not positive.
@@ -98,7 +105,7 @@ class ShardedEmbedding(nn.Module):
         dist.init_process_group("gloo")
         embed = bnb.nn.ShardedEmbedding(32000, 512, pad_idx=0,
                                         init_fn=bnb.nn.init_scaled_embedding)
-        embed.weight.shape                     # (32000, 256) on each of 2 ranks
+        embed.weight.to_local().shape          # (32000, 256) on each of 2 ranks
         tokens = torch.randint(0, 32000, (4, 6))
         dist.broadcast(tokens, src=0)          # the same ids on every rank
         x = embed(tokens)                      # (4, 6, 512) on every rank
@@ -128,10 +135,29 @@ class ShardedEmbedding(nn.Module):
         self.rank = dist.get_rank(group)
         self.sharded_embed_dim = embed_dim // world_size
         self.init_fn = init_fn
-        self.weight = nn.Parameter(torch.empty(num_embeddings, self.sharded_embed_dim,
-                                               device=device, dtype=dtype))
+        self._set_local_weight(torch.empty(num_embeddings, self.sharded_embed_dim,
+                                           device=device, dtype=dtype))
         self.reset_parameters()
         keep_32bit_state(self, "weight")  # like StandardEmbedding
+
+    def _set_local_weight(self, local: torch.Tensor, requires_grad: bool = True) -> None:
+        """Makes ``local`` (this rank's columns) the weight: a DTensor sharded on dim 1."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        kind = local.device.type
+        if kind == "meta":  # the mesh names where the data will live once materialised
+            kind = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = DeviceMesh.from_group(self.process_group, kind)
+        full = (self.num_embeddings, self.embed_dim)
+        self.weight = nn.Parameter(
+            DTensor.from_local(local, mesh, [Shard(1)], run_check=False, shape=full,
+                               stride=(self.embed_dim, 1)),
+            requires_grad=requires_grad)
+
+    def local_weight(self) -> torch.Tensor:
+        """This rank's columns of the table, ``(num_embeddings, embed_dim // W)`` (a view)."""
+        return self.weight.to_local()
 
     def _columns(self) -> slice:
         lo = self.rank * self.sharded_embed_dim
@@ -140,7 +166,7 @@ class ShardedEmbedding(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Re-initialises the table (collective: every rank of the group must call it)."""
-        if self.weight.device.type == "meta":
+        if self.local_weight().device.type == "meta":
             return
         from . import StandardEmbedding
 
@@ -153,13 +179,14 @@ class ShardedEmbedding(nn.Module):
             torch.default_generator.manual_seed(seed[0])
             full = StandardEmbedding(self.num_embeddings, self.embed_dim, self.pad_idx,
                                      init_fn=self.init_fn, dtype=self.weight.dtype)
-        self.weight.copy_(full.weight[:, self._columns()])
+        self.local_weight().copy_(full.weight[:, self._columns()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Looks up ``x`` (shape ``(*)``); returns the full embeddings ``(*, embed_dim)``."""
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"ShardedEmbedding takes integer ids, got {x.dtype}")
-        local = F.embedding(x, self.weight, self.pad_idx)
+        # to_local() is differentiable: weight.grad comes back as a DTensor like the weight
+        local = F.embedding(x, self.weight.to_local(), self.pad_idx)
         if self.world_size == 1:
             return local
         return _GatherLastDim.apply(local, self.process_group, self.world_size, self.rank)
@@ -176,13 +203,23 @@ class ShardedEmbedding(nn.Module):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"from_embedding takes an embedding module with a 2-D weight, got "
                             f"{type(embed).__name__}")
+        # Only a plain lookup shards: anything more in the forward would be silently lost.
+        extras = [name for name, off in (("max_norm", None), ("scale_grad_by_freq", False),
+                                         ("sparse", False))
+                  if getattr(embed, name, off) != off]
+        if any(isinstance(m, torch.nn.LayerNorm) for m in embed.modules()):
+            extras.append("a LayerNorm")
+        if extras:
+            raise ValueError(f"from_embedding shards a plain lookup table; this "
+                             f"{type(embed).__name__} also has {', '.join(extras)}, which "
+                             "ShardedEmbedding would drop")
         pad_idx = getattr(embed, "pad_idx", getattr(embed, "padding_idx", None))
         sharded = ShardedEmbedding(weight.shape[0], weight.shape[1], pad_idx,
                                    process_group=process_group,
                                    init_fn=getattr(embed, "init_fn", None),
                                    device="meta", dtype=weight.dtype)
-        sharded.weight = nn.Parameter(weight.detach()[:, sharded._columns()].clone(),
-                                      requires_grad=weight.requires_grad)
+        sharded._set_local_weight(weight.detach()[:, sharded._columns()].clone(),
+                                  weight.requires_grad)
         return sharded
 
     @torch.no_grad()
@@ -192,7 +229,7 @@ class ShardedEmbedding(nn.Module):
         :meth:`from_embedding`."""
         from . import StandardEmbedding
 
-        local = self.weight.detach().contiguous()
+        local = self.local_weight().detach().contiguous()
         if self.world_size == 1:
             full = local.clone()
         else:
