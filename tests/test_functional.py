@@ -410,6 +410,15 @@ def test_dtype_errors_are_both_type_and_value_errors():
             call()
 
 
+def test_blocksize_larger_than_the_tensor_is_one_block():
+    # The block count must not overflow (n + blocksize - 1) for a blocksize near INT64_MAX.
+    x = torch.randn(5)
+    codes, state = F.quantize_blockwise(x, blocksize=2**63 - 1)
+    ref_codes, ref = F.quantize_blockwise(x, blocksize=8)
+    assert torch.equal(codes, ref_codes) and torch.equal(state.absmax, ref.absmax)
+    assert torch.equal(F.dequantize_blockwise(codes, state), F.dequantize_blockwise(codes, ref))
+
+
 def test_blocksize_takes_numpy_and_tensor_integers():
     x = torch.randn(1000)
     ref_codes, ref = F.quantize_blockwise(x, blocksize=256)

@@ -189,6 +189,20 @@ def test_c_api_bounds_checks_without_python():
               fusion.data_ptr(), 2, 8, 8, out.data_ptr(), 0, 1) == -1  # bits
     assert fn(ids.data_ptr(), 3, None, 8, absmax.data_ptr(), qmap.data_ptr(), 10,
               fusion.data_ptr(), 2, 8, 8, out.data_ptr(), 0, 1) == -1  # null base
+    # no base rows: base, absmax and qmap may be null and are never read
+    ids = torch.tensor([0, 1])
+    assert fn(ids.data_ptr(), 2, None, 8, None, None, 0, fusion.data_ptr(), 2, 8, 8,
+              out.data_ptr(), 0, 1) == 0
+    assert torch.equal(out[:2], fusion)
+    # sizes whose sum overflows int64 are refused, not wrapped around
+    assert fn(ids.data_ptr(), 2, base.data_ptr(), 8, absmax.data_ptr(), qmap.data_ptr(),
+              2**63 - 1, fusion.data_ptr(), 2, 8, 8, out.data_ptr(), 0, 1) == -1
+    # a blocksize near INT64_MAX is one block per row (its count must not overflow to 0);
+    # here blocksize 8 = D is one block per row too
+    ref = torch.ops.bnbfuse.fusion_embedding_lookup(ids, base, absmax, qmap, fusion, 8, 8)
+    got = torch.ops.bnbfuse.fusion_embedding_lookup(ids, base, absmax, qmap, fusion, 8,
+                                                    2**63 - 1)
+    assert torch.equal(got, ref)
 
 
 def test_op_argument_checks():

@@ -35,8 +35,15 @@ def quantize_to_map(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return order[rank].to(torch.uint8).view(x.shape)
 
 
+def _one_block_at_most(n: int, blocksize: int) -> int:
+    """A block longer than the tensor is the tensor: the same blocks, without padding a
+    5-element tensor to a blocksize of 2**63 - 1."""
+    return min(blocksize, max(n, 1))
+
+
 def _blocks(A: torch.Tensor, blocksize: int) -> torch.Tensor:
     """A flattened to fp32 and zero-padded to whole blocks, shape (blocks, blocksize)."""
+    blocksize = _one_block_at_most(A.numel(), blocksize)
     flat = A.reshape(-1).to(torch.float32)
     pad = (-flat.numel()) % blocksize
     if pad:
@@ -60,6 +67,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          blocksize: int, dtype: torch.dtype):
     n = A.numel()
+    blocksize = _one_block_at_most(n, blocksize)
     codes = A.reshape(-1).long()
     pad = (-n) % blocksize
     if pad:
@@ -520,7 +528,8 @@ def fusion_embedding_lookup(ids, base, absmax, qmap, fusion, bits, blocksize):
             idx = base_rows.long()
         else:
             idx = torch.stack([(base_rows >> 4).long(), (base_rows & 15).long()], -1).flatten(-2)[:, :D]
-        scale = absmax[torch.where(is_new, 0, flat)].repeat_interleave(blocksize, dim=1)[:, :D]
+        scale = absmax[torch.where(is_new, 0, flat)].repeat_interleave(
+            _one_block_at_most(D, blocksize), dim=1)[:, :D]
         rows = (qmap.to(torch.float32)[idx] * scale).to(fusion.dtype)
     if F == 0:
         out = rows

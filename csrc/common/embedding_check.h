@@ -18,7 +18,8 @@ inline int check_lookup_args(const int64_t* ids, int64_t n, const void* base, in
     return fail(BNBF_E_ARG, "bits must be 0, 4 or 8, got %d", bits);
   if (dtype != BNBF_F32 && dtype != BNBF_F16 && dtype != BNBF_BF16)
     return fail(BNBF_E_ARG, "unsupported dtype code %d", dtype);
-  if (vocab_size < 0 || fusion_vocab_size < 0 || embed_dim < 1)
+  if (vocab_size < 0 || fusion_vocab_size < 0 || embed_dim < 1 ||
+      vocab_size > INT64_MAX - fusion_vocab_size)
     return fail(BNBF_E_ARG, "bad table sizes: vocab %lld, fusion %lld, dim %lld",
                 (long long)vocab_size, (long long)fusion_vocab_size, (long long)embed_dim);
   if (bits != 0 && blocksize < 1)

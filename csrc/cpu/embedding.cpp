@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "ceil_div.h"
 #include "kernels.h"
 #include "runtime.h"
 #include "simd.h"
@@ -97,9 +98,10 @@ void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, in
   const int64_t D = embed_dim;
   const int64_t esize = dtype == BNBF_F32 ? 4 : 2;
   const int64_t row_bytes = D * esize;
-  const int64_t nblk = bits ? (D + blocksize - 1) / blocksize : 0;
+  const int64_t nblk = bits ? ceil_div(D, blocksize) : 0;
   const int64_t code_cols = bits == 8 ? D : (D + 1) / 2;
-  const bool linear = bits == 8 && is_linear_int8_map(qmap);
+  // No base rows (vocab_size 0): qmap may be null, and is never read.
+  const bool linear = bits == 8 && vocab_size > 0 && is_linear_int8_map(qmap);
   // ~16 KiB of output per chunk keeps the pool's overhead small for narrow tables.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes));
   dispatch_dtype(dtype, [&](auto dt) {

@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "blockquant.h"
+#include "ceil_div.h"
 #include "kernels.h"
 #include "runtime.h"
 
@@ -41,7 +42,7 @@ static float to_f32_absmax(const void* A, int64_t off, float* buf, int64_t len) 
 
 void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* absmax,
                         uint8_t* out, int64_t blocksize, int64_t n, int num_threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   dispatch_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
     parallel_for(nblocks, std::max<int64_t>(1, 16384 / blocksize), num_threads,
@@ -80,7 +81,7 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
 
 void dequantize_blockwise(const QuantMap& map, const uint8_t* A, const float* absmax, void* out,
                           int dtype, int64_t blocksize, int64_t n, int num_threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   dispatch_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
     parallel_for(nblocks, std::max<int64_t>(1, 16384 / blocksize), num_threads,

@@ -5,6 +5,7 @@
 // Python side asserts asynchronously) gets a zero row instead of an out-of-bounds read.
 #include <algorithm>
 
+#include "ceil_div.h"
 #include "common.cuh"
 #include "embedding_check.h"
 
@@ -20,10 +21,11 @@ __global__ void fusion_lookup_kernel(const int64_t* __restrict__ ids, int64_t n,
                                      const T* __restrict__ fusion, int64_t fusion_vocab_size,
                                      int64_t D, int64_t blocksize, T* __restrict__ out) {
   __shared__ float smap[256];
-  const int map_size = bits == 8 ? 256 : (bits == 4 ? 16 : 0);
+  // No base rows (vocab_size 0): qmap may be null, and is never needed.
+  const int map_size = vocab_size == 0 ? 0 : (bits == 8 ? 256 : (bits == 4 ? 16 : 0));
   for (int i = threadIdx.x; i < map_size; i += blockDim.x) smap[i] = qmap[i];
   __syncthreads();
-  const int64_t nblk = bits ? (D + blocksize - 1) / blocksize : 0;
+  const int64_t nblk = bits ? ceil_div(D, blocksize) : 0;
   const int64_t code_cols = bits == 8 ? D : (D + 1) / 2;
   for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
     const int64_t id = ids[t];

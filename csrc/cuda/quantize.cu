@@ -14,6 +14,7 @@
 // once per quantization block.
 #include <climits>
 
+#include "ceil_div.h"
 #include "common.cuh"
 
 namespace bnbf {
@@ -30,8 +31,6 @@ int group_size(int64_t blocksize) {
   while (g < kThreads && (int64_t)g * 4 < blocksize) g *= 2;
   return g;
 }
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // Blocks to launch: enough to fill the GPU once (`per_sm` resident blocks of 256 threads
 // per multiprocessor), never more than there is work for.
@@ -212,6 +211,7 @@ int buffers_device(const void* code, const void* A, const void* absmax, const vo
 }  // namespace bnbf
 
 using namespace bnbf::cuda;
+using bnbf::ceil_div;
 
 BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int dtype,
                                           float* absmax, uint8_t* out, int64_t blocksize,
