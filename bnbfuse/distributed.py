@@ -44,7 +44,7 @@ __all__ = [
     "state_to_local", "is_dtensor", "to_local", "as_param_layout",
 ]
 
-BLOCKSIZE = 256  # elements per 8-bit optimizer state block (DESIGN.md)
+BLOCKSIZE = 256  # elements per 8-bit optimizer state block (docs/optimizers.md)
 PARAM_LAYOUT_KEYS = ("state1", "state2")
 PER_SHARD_KEYS = {"absmax1": "state1", "absmax2": "state2"}  # absmax -> its codes
 

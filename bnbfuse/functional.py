@@ -60,9 +60,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     if extra > 0:
         decades.append((max_exponent_bits - 1, extra))
     for k, n in decades:
-        edges = torch.linspace(0.1, 1, n + 1, dtype=torch.float32)
+        # on the CPU explicitly, whatever `with torch.device(...)` surrounds the call
+        edges = torch.linspace(0.1, 1, n + 1, dtype=torch.float32, device="cpu")
         midpoints = (edges[:-1] + edges[1:]) / 2.0
-        scaled = midpoints * torch.tensor(10.0 ** (k - max_exponent_bits + 1), dtype=torch.float32)
+        scaled = midpoints * torch.tensor(10.0 ** (k - max_exponent_bits + 1),
+                                          dtype=torch.float32, device="cpu")
         values += scaled.tolist()
         if signed:
             values += (-scaled).tolist()
@@ -71,7 +73,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         raise ValueError(f"{max_exponent_bits} exponent bits make {len(values)} values, not "
                          f"2**{total_bits}{'' if signed else ' (unsigned)'}")
     values += [0.0] * (256 - len(values))  # as bitsandbytes: always 256 entries
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")
 
 
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:

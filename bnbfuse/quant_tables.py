@@ -64,11 +64,14 @@ def quant_map(scheme: str, device=None) -> torch.Tensor:
     _check_scheme(scheme)
     key = (scheme, str(torch.device(device) if device is not None else "cpu"))
     if key not in _MAPS:
+        # Built on the CPU explicitly: under `with torch.device("meta")` a factory call
+        # without a device would make meta data that cannot be copied anywhere.
         if scheme == "int8":
             # byte b holds k = b - 127 for b in 0..254, i.e. the value (b - 127) / 127.
-            values = (torch.arange(256, dtype=torch.float32) - 127).clamp_(max=127) / 127
+            values = (torch.arange(256, dtype=torch.float32, device="cpu") - 127).clamp_(
+                max=127) / 127
         else:
-            values = torch.tensor(_NF4, dtype=torch.float32)
+            values = torch.tensor(_NF4, dtype=torch.float32, device="cpu")
         _MAPS[key] = values.to(key[1])
     return _MAPS[key]
 

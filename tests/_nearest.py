@@ -1,4 +1,4 @@
-"""Independent NumPy implementations of the quantization spec (DESIGN.md "Numerics"), used by
+"""Independent NumPy implementations of the quantization spec (docs/optimizers.md, "8-bit state" and "Numerics choices"), used by
 the tests as the oracle. Nothing here calls bnbfuse.
 """
 from __future__ import annotations

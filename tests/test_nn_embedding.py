@@ -26,6 +26,11 @@ def test_embedding_bitsandbytes_positional_order():
     w = torch.randn(10, 4)
     emb = Embedding(10, 4, None, None, 2.0, False, False, w)
     assert torch.equal(emb.weight, w) and emb.weight.requires_grad
+    # bitsandbytes' order goes on with device (and dtype for StableEmbedding)
+    emb = Embedding(10, 4, None, None, 2.0, False, False, None, torch.device("cpu"))
+    assert emb.weight.requires_grad and emb.weight.device.type == "cpu"
+    st = StableEmbedding(10, 4, None, None, 2.0, False, False, None, "cpu", torch.bfloat16)
+    assert st.weight.requires_grad and st.weight.dtype == torch.bfloat16
 
 
 def test_embedding_override_survives_parameter_replacement():

@@ -91,7 +91,7 @@ import struct  # noqa: E402
 # once to float32 by `optimizer_scalars`; the native kernels (csrc/common/optim_rule.h) do the
 # same operations in the same order, so both give identical bits for every parameter dtype.
 #
-# Policies (DESIGN.md):
+# Policies (docs/optimizers.md, "Numerics choices"):
 #  - Non-finite gradient element: its parameter and state values are left unchanged (8-bit:
 #    the element's dequantized state values are requantized with the block's new absmax, so
 #    its code can change only when the block's absmax changed). Norms ops skip it.
@@ -403,7 +403,7 @@ def optimizer_update_8bit_blockwise(optimizer, p, g, state1, state2, absmax1, ab
     apply ``optimizer_rule`` in float32, take the block's new absmax, requantize with exact
     nearest rounding (ties to the larger value).
 
-    Second-moment policy ("No blow-ups", DESIGN.md): state2 of adam/adamw/lamb/ademamix and
+    Second-moment policy ("No blow-ups", docs/optimizers.md): state2 of adam/adamw/lamb/ademamix and
     state1 of rmsprop/adagrad are requantized with keep_positive: a positive value whose
     nearest code is the map's zero is stored as the smallest positive code instead. The
     stored v is then at most one code step too large, so the element's next steps are at

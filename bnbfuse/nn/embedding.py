@@ -29,8 +29,10 @@ class Embedding(torch.nn.Embedding):
         scale_grad_by_freq (bool): scale gradients by inverse token frequency in the batch.
         sparse (bool): sparse gradients.
         _weight (Tensor, optional): initial ``(V, D)`` weight (no re-initialisation).
-        _freeze (bool): the weight does not require grad (``from_pretrained(freeze=True)``).
         device, dtype: factory arguments of the weight.
+        _freeze (bool): keyword-only (``from_pretrained(freeze=True)``): the weight does not
+            require grad. After ``device``/``dtype``, so that bitsandbytes' positional order
+            (``..., _weight, device``) holds.
 
     Shapes:
         input ``(*)`` integer ids in ``[0, V)`` → output ``(*, D)``.
@@ -47,8 +49,8 @@ class Embedding(torch.nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
                  max_norm: Optional[float] = None, norm_type: float = 2.0,
                  scale_grad_by_freq: bool = False, sparse: bool = False,
-                 _weight: Optional[Tensor] = None, _freeze: bool = False, device=None,
-                 dtype=None) -> None:
+                 _weight: Optional[Tensor] = None, device=None, dtype=None, *,
+                 _freeze: bool = False) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, sparse, _weight, _freeze, device=device,
                          dtype=dtype)
@@ -72,8 +74,8 @@ class StableEmbedding(Embedding):
     Args:
         num_embeddings (int): vocabulary size ``V``.
         embedding_dim (int): embedding dimension ``D``.
-        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, _weight, _freeze: as
-            in ``torch.nn.Embedding``.
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, _weight: as in
+            ``torch.nn.Embedding``; ``_freeze`` keyword-only, as in :class:`Embedding`.
         device, dtype: factory arguments of the weight.
 
     Shapes:
@@ -90,10 +92,10 @@ class StableEmbedding(Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
                  max_norm: Optional[float] = None, norm_type: float = 2.0,
                  scale_grad_by_freq: bool = False, sparse: bool = False,
-                 _weight: Optional[Tensor] = None, _freeze: bool = False, device=None,
-                 dtype=None) -> None:
+                 _weight: Optional[Tensor] = None, device=None, dtype=None, *,
+                 _freeze: bool = False) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
-                         scale_grad_by_freq, sparse, _weight, _freeze, device=device,
+                         scale_grad_by_freq, sparse, _weight, device=device, _freeze=_freeze,
                          dtype=dtype)
         self.norm = torch.nn.LayerNorm(embedding_dim, device=device, dtype=torch.float32)
 

@@ -91,6 +91,9 @@ class FusionEmbedding(torch.nn.Module):
         self.padding_idx = padding_idx
         if base_quant is not None:
             qt.bits_of(base_quant)  # validates the name
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"FusionEmbedding tables are float32, float16 or bfloat16, got "
+                            f"{dtype} (the lookup kernels have no other path)")
         self.vocab_size, self.fusion_vocab_size, self.dim = vocab_size, fusion_vocab_size, embed_dim
         self.base_quant, self.blocksize = base_quant, blocksize
         if base_quant is None:

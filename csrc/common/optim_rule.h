@@ -30,7 +30,7 @@ struct OptTraits {
   static constexpr bool two_state = OPT == BNBF_OPT_ADAM || OPT == BNBF_OPT_ADAMW ||
                                     OPT == BNBF_OPT_ADEMAMIX || OPT == BNBF_OPT_LAMB;
   static constexpr bool has_m2 = OPT == BNBF_OPT_ADEMAMIX;  // state1 holds m1 then m2
-  // DESIGN.md "No blow-ups": second-moment-like 8-bit states never round a positive value
+  // docs/optimizers.md, "No blow-ups": second-moment-like 8-bit states never round a positive value
   // to the zero code (see QuantMap::nearest_keep_positive).
   static constexpr bool keep_positive1 = OPT == BNBF_OPT_RMSPROP || OPT == BNBF_OPT_ADAGRAD;
   static constexpr bool keep_positive2 = true;

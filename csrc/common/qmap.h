@@ -21,7 +21,7 @@ struct QuantMap {
   alignas(64) uint8_t guess[65536 + 4];  // +4: 32-bit gathers may read past the end
   bool one_step;
   bool identity;              // code is already ascending: sorted_to_code[i] == i
-  // The second-moment policy (DESIGN.md "No blow-ups"): a positive value whose nearest
+  // The second-moment policy (docs/optimizers.md, "No blow-ups"): a positive value whose nearest
   // code is the zero code is stored as the smallest positive code instead.
   uint8_t zero_code;          // code of the value nearest 0
   uint8_t min_positive_code;  // code of the smallest value > 0 (zero_code if none)
