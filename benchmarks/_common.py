@@ -131,12 +131,19 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    for lib in ("bitsandbytes", "torchao"):
+        try:
+            from importlib.metadata import version
+            info[lib] = version(lib)
+        except Exception:  # not installed
+            pass
     try:
         import bnbfuse
         info["bnbfuse"] = bnbfuse.__version__
         backends = bnbfuse.backend_info()
         info["bnbfuse_cpu_isa"] = backends.get("cpu_isa")
         info["bnbfuse_native_cpu"] = str(backends.get("cpu", "")).startswith("loaded")
+        info["bnbfuse_native_cuda"] = str(backends.get("cuda", "")).startswith("loaded")
     except Exception as e:  # the figures are still worth saving without it
         info["bnbfuse"] = f"unavailable: {e}"
     return info

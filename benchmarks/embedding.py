@@ -44,7 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--devices", nargs="+", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results directory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tokens < 8 or args.tokens % 8:
+        p.error(f"--tokens must be a positive multiple of 8 (a batch of 8 sequences), got "
+                f"{args.tokens}")
+    for dev in args.devices or []:
+        if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--devices {dev}: this torch sees no CUDA GPU")
+    return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
@@ -100,7 +107,7 @@ def table_bytes(m: torch.nn.Module) -> int:
 
 
 def timer(device):
-    if device == "cuda":
+    if torch.device(device).type == "cuda":  # "cuda:1" too
         def run(fn):
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -39,6 +39,9 @@ step machine bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --
 step build bash -c "cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release > /dev/null &&
   cmake --build build-gpu -j \$(nproc)"
 step backends python3 -m bnbfuse
+# Without the CUDA library the CUDA tests would exercise the reference kernels only.
+step cuda_library python3 -c "import bnbfuse, sys; sys.exit(0 if bnbfuse._native.cuda.loaded
+  else 'the CUDA library did not build or load: see the build step')"
 step cuda_tests python3 -m pytest -q -p no:cacheprovider -m cuda
 step cpu_kernel_tests python3 -m pytest -q -p no:cacheprovider tests/test_optimizer_kernels.py \
   tests/test_functional.py tests/test_backends.py -m "not cuda"

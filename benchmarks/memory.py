@@ -293,8 +293,10 @@ def available_configs() -> dict[str, str]:
 
 
 def summarize(results: list[dict]) -> dict:
+    """Savings against the baseline of the same run (fp32 AdamW, else the fused one); empty
+    without either, and the table then shows no "vs base"."""
     by = {r["config"]: r for r in results}
-    base = by.get("baseline")
+    base = by.get("baseline") or by.get("baseline-fused")
     summary = {}
     if not base:
         return summary
@@ -318,13 +320,15 @@ def print_report(results: list[dict], summary: dict, preset: str, goal: float, l
         rows.append([r["config"], f"{r['trainable_params'] / 1e6:.1f}", _common.mib(r["weight_bytes"]),
                      _common.mib(r["grad_bytes"]), _common.mib(r["optimizer_state_bytes"]),
                      _common.mib(r["optimizer_plus_embedding_bytes"]),
-                     f"{-100 * s.get('optimizer_plus_embedding_saving', 0):+.0f}%",
+                     (f"{-100 * s['optimizer_plus_embedding_saving']:+.0f}%" if s else "–"),
                      _common.mib(r["peak_bytes"]), f"{r['step_time_s']:.3f}",
                      f"{r['train_loss']:.3f}", f"{r['eval_loss']:.3f}"])
     print()
     print(_common.format_table(headers, rows))
     print(f"\npeak = {results[0]['peak_kind']} of each configuration's own process; "
-          "opt+emb = optimizer state + token-embedding weights and gradients")
+          "opt+emb = optimizer state + token-embedding weights and gradients; step s is "
+          "indicative only (the configurations run one after another; for step speed see "
+          "optimizer_step.py)")
     verdict = {}
     for name in ("fusion-int8", "fusion-nf4", "bnbfuse-8bit"):
         s = summary.get(name)
@@ -447,6 +451,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tok_file = Path(tmp) / "tokens.pt"
         torch.save(tokens, tok_file)
+        failed = []
         for c in configs:
             rf = Path(tmp) / f"{c}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", c, "--params", json.dumps(p),
@@ -455,27 +460,32 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd)
             if proc.returncode != 0 or not rf.exists():
-                print(f"{c}: worker failed (exit code {proc.returncode})", file=sys.stderr)
-                return 1
+                # reported, and the configurations that ran are still summarised and saved
+                print(f"  {c}: worker failed (exit code {proc.returncode}); skipped",
+                      file=sys.stderr, flush=True)
+                failed.append(c)
+                continue
             res = json.loads(rf.read_text())
             res["wall_s"] = time.perf_counter() - t0
             results.append(res)
             print(f"  {c}: eval loss {res['eval_loss']:.3f}, step {res['step_time_s']:.2f}s, "
                   f"peak {_common.mib(res['peak_bytes'])} MiB ({res['wall_s']:.0f}s)", flush=True)
 
+    if not results:
+        return 1
     summary = summarize(results)
     verdict = print_report(results, summary, args.preset, args.goal, args.loss_tol)
     out = Path(args.out)
     data = dict(benchmark="memory", preset=args.preset, params=p, device=args.device,
                 new_token_fraction=new_frac,
                 command="python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-                machine=_common.machine_info(), skipped=skipped, results=results,
+                machine=_common.machine_info(), skipped=skipped, failed=failed, results=results,
                 summary=summary, goal=dict(saving=args.goal, loss_tol=args.loss_tol, met=verdict))
     jpath = _common.write_json(out / f"memory_{args.preset}.json", data)
     png = out / f"memory_{args.preset}.png"
     wrote = plot(results, png, _title(results, p, args.device))
     print(f"\nwrote {jpath}" + (f" and {png}" if wrote else ""))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ torch.optim.AdamW (fused=True and foreach=True), bitsandbytes AdamW8bit and torc
 (when importable), all in one run on the same tensors.
 
 Per configuration (size x dtype) every optimizer takes `--warmup` untimed steps on its own
-parameter of that many elements, then `--repeats` timed rounds in which each optimizer
+parameter of that many elements (rounded up to a multiple of 4096, so that every 8-bit
+implementation keeps 8-bit state: torchao falls back to full-width state for sizes that
+are not a multiple of its block), then `--repeats` timed rounds in which each optimizer
 steps once in turn (so a slow spell of a shared machine hits all of them alike); the
 table shows the median step time as Mparam/s, the optimizer state in bytes per parameter
 (counted from the state tensors), and the throughput relative to torch's fused AdamW
@@ -19,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnbfuse  # noqa: E402
+from _common import have_matplotlib, machine_info, progress, pyplot  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 1e-2
@@ -112,18 +113,19 @@ def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s
 
     The timed steps are interleaved (round r steps every contender once) so that a change
     in the machine's speed during the run (shared CPUs and memory bandwidth on a VM) hits
-    all contenders alike and the ratios stay fair. A contender whose first step takes
-    longer than `slow_budget_s` gets one warmup and a single timed step.
+    all contenders alike and the ratios stay fair. The first step (state allocation, and
+    torchao's compilation) is never timed; a contender whose second step takes longer than
+    `slow_budget_s` gets a single timed step.
     """
     runs, rows = {}, {}
     for name, factory in factories:
         try:
             p, opt = make_run(factory, numel, dtype, device)
-            first = timed_step(opt, device)
-            n_warm = 1 if first > slow_budget_s else warmup
-            for _ in range(n_warm - 1):
+            timed_step(opt, device)  # one-off work, whatever it costs
+            slow = timed_step(opt, device) > slow_budget_s
+            for _ in range(0 if slow else warmup - 2):
                 timed_step(opt, device)
-            runs[name] = (p, opt, 1 if first > slow_budget_s else repeats, [])
+            runs[name] = (p, opt, 1 if slow else repeats, [])
         except Exception as err:  # noqa: BLE001 - report and continue with the others
             rows[name] = dict(error=f"{type(err).__name__}: {err}"[:300])
     for r in range(repeats):
@@ -168,19 +170,21 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    native = bnbfuse._native.cuda if device.type == "cuda" else bnbfuse._native.cpu
+    if not native.loaded:
+        # the bnbfuse rows would time the pure-PyTorch reference kernels under its name
+        sys.exit(f"bnbfuse's native {device.type} library is not loaded "
+                 f"({bnbfuse.backend_info().get(device.type)}); build it first")
     sizes = [float(s) for s in args.sizes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]
     cands, notes = contenders(device)
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",")]
         cands = [c for c in cands if any(k in c[0].lower() for k in keys)]
-    from tqdm import tqdm
-
     results = []
     configs = [(s, d) for s in sizes for d in dtypes]
-    for size, dname in tqdm(configs, desc="optimizer steps", unit="config",
-                            disable=args.no_progress):
-        numel = int(size * 1_000_000)
+    for size, dname in progress(configs, desc="optimizer steps", disable=args.no_progress):
+        numel = -(-int(size * 1_000_000) // 4096) * 4096
         factories = []
         for name, factory in cands:
             third_party = name.startswith(("bitsandbytes", "torchao"))
@@ -203,12 +207,7 @@ def main(argv=None):
         if base and r.get("mparam_s"):
             r["vs_torch_fused"] = r["mparam_s"] / base
 
-    machine = dict(platform=platform.platform(), processor=platform.processor(),
-                   cpu_count=os.cpu_count(), torch=torch.__version__,
-                   torch_threads=torch.get_num_threads(), device=str(device),
-                   bnbfuse_native_cpu=bnbfuse._native.cpu.loaded,
-                   isa=(bnbfuse._native.cpu.lib.bnbf_cpu_isa().decode()
-                        if bnbfuse._native.cpu.loaded else None))
+    machine = dict(machine_info(), device=str(device))
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
 
@@ -233,16 +232,16 @@ def main(argv=None):
     cmd = "python benchmarks/optimizer_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out.with_suffix(".json").write_text(json.dumps(dict(machine=machine, command=cmd,
                                                         notes=notes, results=results), indent=2))
-    plot(results, dtypes, out.with_suffix(".png"), machine)
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    if have_matplotlib():
+        plot(results, dtypes, out.with_suffix(".png"), machine)
+        print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    else:
+        print(f"\nwrote {out.with_suffix('.json')} (no plot: install matplotlib)")
     return results
 
 
 def plot(results, dtypes, path, machine):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     names = list(dict.fromkeys(r["optimizer"] for r in results))

@@ -174,7 +174,7 @@ def test_optimizer_step_benchmark_tiny(tmp_path):
         import optimizer_step
     finally:
         sys.path.pop(0)
-    numel = 100_000
+    numel = 102_400  # 0.1M rounded up to a multiple of 4096
     threads = torch.get_num_threads()  # main() sets --threads
     try:
         optimizer_step.main(["--sizes", "0.1", "--dtypes", "fp32,bf16", "--repeats", "3",
