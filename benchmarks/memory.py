@@ -186,6 +186,13 @@ def run_config(config: str, p: dict, device: str, seed: int, tokens, show_progre
     import torch
     import torch.nn.functional as F
 
+    # Every configuration's process imports the same libraries, so that the peaks compare
+    # the training and not which libraries a configuration happened to load.
+    import bnbfuse  # noqa: F401
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed or not usable: its configuration is skipped anyway
+        pass
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rss_start = _common.current_rss_bytes()

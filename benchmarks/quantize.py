@@ -95,10 +95,13 @@ def machine_info() -> dict:
     return info
 
 
-def implementations(use_bnb: bool) -> dict:
-    """name -> (quantize(x, code, blocksize) -> state, dequantize(state) -> tensor)."""
+def implementations(use_bnb: bool, notes: list) -> dict:
+    """name -> (quantize(x, code, blocksize) -> state, dequantize(state) -> tensor); why a
+    contender is missing goes to ``notes`` (and into the JSON)."""
     impls = {}
-    if bnbfuse._native.cpu.loaded:
+    if not bnbfuse._native.cpu.loaded:
+        notes.append(f"bnbfuse native CPU library not loaded: {bnbfuse.backend_info()['cpu']}")
+    else:
         impls["bnbfuse"] = (
             lambda x, code, bs: F.quantize_blockwise(x, code=code, blocksize=bs),
             lambda st: F.dequantize_blockwise(*st),
@@ -111,7 +114,8 @@ def implementations(use_bnb: bool) -> dict:
         try:
             import bitsandbytes.functional as BF
         except Exception as err:  # noqa: BLE001  (any import failure means "not available")
-            print(f"bitsandbytes not available: {err}", file=sys.stderr)
+            notes.append(f"bitsandbytes not available: {err}")
+            print(notes[-1], file=sys.stderr)
         else:
             impls["bitsandbytes"] = (
                 lambda x, code, bs: BF.quantize_blockwise(x, code=code, blocksize=bs),
@@ -132,13 +136,12 @@ def timed(fn) -> float:
 
 
 def run(args) -> dict:
-    from tqdm import tqdm
-
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [parse_size(s) for s in args.sizes]
     ref_max = parse_size(args.reference_max)
-    impls = implementations(not args.no_bitsandbytes)
+    notes: list = []
+    impls = implementations(not args.no_bitsandbytes, notes)
     code = F.dynamic_map(True)
     cases = []
     for dtype_name in args.dtypes:
@@ -148,7 +151,7 @@ def run(args) -> dict:
                 cases.append((dtype_name, n, bs, names))
     total = sum(args.repeats * (1 + 2 * len(c[3])) for c in cases)
     rows = []
-    bar = tqdm(total=total, desc="quantize benchmark", unit="call")
+    bar = _Bar(total)
     for dtype_name, n, bs, names in cases:
         dtype = getattr(torch, dtype_name)
         x = torch.randn(n, dtype=torch.float32).to(dtype)
@@ -194,7 +197,27 @@ def run(args) -> dict:
         x = states = None  # free before the next case allocates
     bar.close()
     return {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-            "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
+            "command": " ".join([Path(sys.executable).name] + sys.argv), "notes": notes,
+            "rows": rows}
+
+
+class _Bar:
+    """A tqdm bar counting calls, or nothing when tqdm is not installed."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc="quantize benchmark", unit="call")
+        except ImportError:
+            self._bar = None
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def fmt_size(n: int) -> str:
