@@ -10,6 +10,7 @@ from .. import quant_tables as qt
 from ._override import keep_32bit_state
 from .lookup import fusion_embedding_lookup
 from .quantized_table import QuantizedEmbeddingTable
+from .standard_embedding import padding_row
 
 __all__ = ["FusionEmbedding"]
 
@@ -83,12 +84,7 @@ class FusionEmbedding(torch.nn.Module):
         _check_size("vocab_size", vocab_size, 1)
         _check_size("fusion_vocab_size", fusion_vocab_size, 0)
         _check_size("embed_dim", embed_dim, 1)
-        if padding_idx is not None:
-            if not -vocab_size <= padding_idx < vocab_size:
-                raise ValueError(f"padding_idx must be a base row in [-{vocab_size}, "
-                                 f"{vocab_size}), got {padding_idx}")
-            padding_idx %= vocab_size
-        self.padding_idx = padding_idx
+        self.padding_idx = padding_row(padding_idx, vocab_size, "padding_idx")  # a base row
         if base_quant is not None:
             qt.bits_of(base_quant)  # validates the name
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):

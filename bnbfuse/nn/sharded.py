@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._override import keep_32bit_state
+from .standard_embedding import padding_row
 
 
 def _resolve_group(process_group):
@@ -119,8 +120,7 @@ class ShardedEmbedding(nn.Module):
         if num_embeddings <= 0 or embed_dim <= 0:
             raise ValueError(f"num_embeddings and embed_dim must be positive, got "
                              f"{num_embeddings} and {embed_dim}")
-        if pad_idx is not None and not -num_embeddings <= pad_idx < num_embeddings:
-            raise ValueError(f"pad_idx {pad_idx} is out of range for {num_embeddings} embeddings")
+        pad_idx = padding_row(pad_idx, num_embeddings)
         group = _resolve_group(process_group)
         world_size = dist.get_world_size(group)
         if embed_dim % world_size != 0:
@@ -128,7 +128,7 @@ class ShardedEmbedding(nn.Module):
                              f"process group ({world_size})")
         self.num_embeddings = num_embeddings
         self.embed_dim = embed_dim
-        self.pad_idx = None if pad_idx is None else pad_idx % num_embeddings
+        self.pad_idx = pad_idx
         self.padding_idx = self.pad_idx  # nn.Embedding's name, for code that reads it
         self.process_group = group
         self.world_size = world_size
@@ -186,7 +186,7 @@ class ShardedEmbedding(nn.Module):
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"ShardedEmbedding takes integer ids, got {x.dtype}")
         # to_local() is differentiable: weight.grad comes back as a DTensor like the weight
-        local = F.embedding(x, self.weight.to_local(), self.pad_idx)
+        local = F.embedding(x, self.local_weight(), self.pad_idx)
         if self.world_size == 1:
             return local
         return _GatherLastDim.apply(local, self.process_group, self.world_size, self.rank)

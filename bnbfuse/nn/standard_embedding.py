@@ -9,6 +9,16 @@ from torch import Tensor
 
 from ._override import keep_32bit_state
 
+
+def padding_row(pad_idx: Optional[int], num_rows: int, name: str = "pad_idx") -> Optional[int]:
+    """``pad_idx`` as a row in ``[0, num_rows)``: negative values count from the end, as
+    ``nn.Embedding``'s ``padding_idx``; out of range raises ``ValueError``."""
+    if pad_idx is None:
+        return None
+    if not -num_rows <= pad_idx < num_rows:
+        raise ValueError(f"{name} {pad_idx} is out of range for {num_rows} rows")
+    return pad_idx % num_rows
+
 __all__ = ["StandardEmbedding", "init_scaled_embedding"]
 
 
@@ -47,13 +57,9 @@ class StandardEmbedding(torch.nn.Module):
         if num_embeddings < 1 or embed_dim < 1:
             raise ValueError(f"num_embeddings and embed_dim must be positive, got "
                              f"{num_embeddings} and {embed_dim}")
-        if pad_idx is not None and not -num_embeddings <= pad_idx < num_embeddings:
-            raise ValueError(f"pad_idx {pad_idx} is out of range for {num_embeddings} "
-                             "embeddings")
         self.num_embeddings = num_embeddings
         self.embed_dim = embed_dim
-        # negative counts from the end, as nn.Embedding's padding_idx (and ShardedEmbedding)
-        self.pad_idx = None if pad_idx is None else pad_idx % num_embeddings
+        self.pad_idx = padding_row(pad_idx, num_embeddings)
         self.padding_idx = self.pad_idx  # nn.Embedding's name, for code that reads it
         self.init_fn = init_fn
         self.weight = torch.nn.Parameter(
