@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 #include "bnbfuse.h"
-#include "runtime.h"
+#include "errors.h"
 
 namespace bnbf {
 

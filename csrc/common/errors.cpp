@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "bnbfuse.h"
+#include "errors.h"
 
 namespace bnbf {
 

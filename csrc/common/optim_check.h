@@ -5,15 +5,9 @@
 
 #include "bnbfuse.h"
 #include "optim_rule.h"
-#include "runtime.h"
+#include "errors.h"
 
 namespace bnbf {
-
-inline const char* optimizer_name(int opt) {
-  static const char* names[] = {"adam", "adamw", "ademamix", "lamb", "momentum",
-                                "rmsprop", "adagrad", "lion", "lars"};
-  return valid_optimizer(opt) ? names[opt] : "?";
-}
 
 // `eight_bit` adds the absmax/qmap pointers; `norms_out` is checked when `norms` is set.
 inline int check_optimizer_args(int opt, const void* p, const void* g, int dtype,

@@ -1,4 +1,4 @@
-// The per-element optimizer update rules, shared by the CPU kernels (csrc/cpu/optimizer.cpp)
+// The per-element optimizer update rules, shared by the CPU kernels (csrc/cpu/isa/optimizer.cpp)
 // and the CUDA kernels (csrc/cuda/optimizer.cu).
 //
 // Each rule is the same sequence of float32 operations as `optimizer_rule` in
@@ -23,23 +23,50 @@
 namespace bnbf {
 
 // Optimizer state is quantized in blocks of this many elements of the flattened tensor.
-constexpr int64_t kOptimBlock = 256;
+constexpr int64_t kOptimBlock = BNBF_OPTIM_BLOCKSIZE;
+
+// The one table of optimizer kinds on the C++ side, indexed by enum bnbf_optimizer. The
+// Python twin is bnbfuse/ops/rules.py (RULES); tests/ops/test_rules.py compares the two
+// through bnbf_optimizer_traits.
+struct OptimizerKind {
+  const char* name;
+  int states;           // 1 or 2 state tensors
+  bool has_m2;          // state1 stacks two moments (AdEMAMix: m1 then m2)
+  // docs/optimizers.md, "No blow-ups": second-moment-like 8-bit states never round a
+  // positive value to the zero code (see QuantMap::nearest_keep_positive).
+  bool keep_positive1;
+  bool keep_positive2;
+};
+
+constexpr OptimizerKind kOptimizerKinds[] = {
+    /* BNBF_OPT_ADAM     */ {"adam", 2, false, false, true},
+    /* BNBF_OPT_ADAMW    */ {"adamw", 2, false, false, true},
+    /* BNBF_OPT_ADEMAMIX */ {"ademamix", 2, true, false, true},
+    /* BNBF_OPT_LAMB     */ {"lamb", 2, false, false, true},
+    /* BNBF_OPT_MOMENTUM */ {"momentum", 1, false, false, false},
+    /* BNBF_OPT_RMSPROP  */ {"rmsprop", 1, false, true, false},
+    /* BNBF_OPT_ADAGRAD  */ {"adagrad", 1, false, true, false},
+    /* BNBF_OPT_LION     */ {"lion", 1, false, false, false},
+    /* BNBF_OPT_LARS     */ {"lars", 1, false, false, false},
+};
+constexpr int kNumOptimizers = sizeof(kOptimizerKinds) / sizeof(kOptimizerKinds[0]);
+static_assert(kNumOptimizers == BNBF_OPT_LARS + 1, "one row per enum bnbf_optimizer value");
 
 template <int OPT>
 struct OptTraits {
-  static constexpr bool two_state = OPT == BNBF_OPT_ADAM || OPT == BNBF_OPT_ADAMW ||
-                                    OPT == BNBF_OPT_ADEMAMIX || OPT == BNBF_OPT_LAMB;
-  static constexpr bool has_m2 = OPT == BNBF_OPT_ADEMAMIX;  // state1 holds m1 then m2
-  // docs/optimizers.md, "No blow-ups": second-moment-like 8-bit states never round a positive value
-  // to the zero code (see QuantMap::nearest_keep_positive).
-  static constexpr bool keep_positive1 = OPT == BNBF_OPT_RMSPROP || OPT == BNBF_OPT_ADAGRAD;
-  static constexpr bool keep_positive2 = true;
+  static_assert(OPT >= 0 && OPT < kNumOptimizers, "unknown optimizer id");
+  static constexpr bool two_state = kOptimizerKinds[OPT].states == 2;
+  static constexpr bool has_m2 = kOptimizerKinds[OPT].has_m2;
+  static constexpr bool keep_positive1 = kOptimizerKinds[OPT].keep_positive1;
+  static constexpr bool keep_positive2 = kOptimizerKinds[OPT].keep_positive2;
 };
 
-inline bool valid_optimizer(int opt) { return opt >= BNBF_OPT_ADAM && opt <= BNBF_OPT_LARS; }
+inline bool valid_optimizer(int opt) { return opt >= 0 && opt < kNumOptimizers; }
 inline bool optimizer_two_state(int opt) {
-  return opt == BNBF_OPT_ADAM || opt == BNBF_OPT_ADAMW || opt == BNBF_OPT_ADEMAMIX ||
-         opt == BNBF_OPT_LAMB;
+  return valid_optimizer(opt) && kOptimizerKinds[opt].states == 2;
+}
+inline const char* optimizer_name(int opt) {
+  return valid_optimizer(opt) ? kOptimizerKinds[opt].name : "?";
 }
 
 // |g| <= FLT_MAX: false for NaN and +-inf; a compare the vectorisers handle.
@@ -63,7 +90,7 @@ BNBF_HD float opt_sign(float x) { return (x > 0.f ? 1.f : 0.f) - (x < 0.f ? 1.f 
 BNBF_HD float opt_sqrt(float x) { return sqrtf(x); }
 
 // One update of one element, or of a vector of elements: F is float (CUDA, scalar CPU
-// code) or a CPU lane type (csrc/cpu/lanes.h) whose operators are the same IEEE float32
+// code) or a CPU lane type (csrc/cpu/isa/lanes.h) whose operators are the same IEEE float32
 // operations lane by lane, with opt_sqrt/opt_sign overloads found by argument-dependent
 // lookup. g is already multiplied by gnorm_scale. Updates p and the states in place and
 // returns the update direction before the learning rate (what the norms ops sum; see

@@ -1,5 +1,5 @@
-// Declarations of the per-ISA CPU kernels. Each is defined once in csrc/cpu/*.cpp and
-// compiled into bnbf::generic, bnbf::avx2 and bnbf::avx512; csrc/common/api_*.cpp pick
+// Declarations of the per-ISA CPU kernels. Each is defined once in csrc/cpu/isa/*.cpp and
+// compiled into bnbf::generic, bnbf::avx2 and bnbf::avx512; csrc/cpu/api_*.cpp pick
 // one at run time. Arguments are validated by the API layer before these are called.
 #pragma once
 #include <cstdint>
@@ -15,7 +15,7 @@
                             int num_threads);                                             \
   /* quantize one block of fp32 values already known: writes codes, returns absmax */     \
   float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n); \
-  /* optimizer updates (csrc/cpu/optimizer.cpp); map2/state2 unused by 1-state rules;  */  \
+  /* optimizer updates (csrc/cpu/isa/optimizer.cpp); map2/state2 unused by 1-state rules;  */  \
   /* norms accumulate [sum(dir^2), sum(p^2)] into out (double[2])                      */  \
   bool optimizer_update_8bit(int opt, void* p, const void* g, int dtype, uint8_t* state1, \
                              uint8_t* state2, float* absmax1, float* absmax2,             \
@@ -34,7 +34,7 @@
                              const float* state1, const float* state2,                     \
                              const bnbf_optim_args& args, int64_t n, double* out,          \
                              int num_threads);  \
-  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/embedding.cpp) */ \
+  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/isa/embedding.cpp) */ \
   void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,    \
                                const float* absmax, const float* qmap, int64_t vocab_size,   \
                                const void* fusion, int64_t embed_dim, int64_t blocksize,     \

@@ -1,10 +1,8 @@
 // Shared helpers of the CUDA kernels: error reporting, argument checks, launch geometry,
 // element conversion. Included by every csrc/cuda/*.cu file.
 //
-// The CUDA library is a separate shared object from the CPU one, so it has its own
-// bnbf::fail / bnbf_last_error (csrc/cuda/runtime.cu) with the same contract as
-// csrc/common/runtime.h: every entry point returns 0 or a negative BNBF_E* code and leaves
-// the message for bnbf_last_error().
+// The CUDA library is a separate shared object from the CPU one; both compile
+// csrc/common/errors.cpp, so each has its own bnbf::fail / bnbf_last_error.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,11 +11,9 @@
 #include <cstdint>
 
 #include "bnbfuse.h"
+#include "errors.h"
 
 namespace bnbf {
-
-// Records a printf-style message for bnbf_last_error() and returns `code`.
-int fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 
 namespace cuda {
 
@@ -56,7 +52,7 @@ class DeviceGuard {
   cudaError_t err_ = cudaSuccess;
 };
 
-// ---- element conversion (round to nearest even, bit-identical to csrc/cpu/simd.h) ----
+// ---- element conversion (round to nearest even, bit-identical to csrc/cpu/isa/simd.h) ----
 template <typename T>
 __device__ __forceinline__ float to_f32(T v);
 template <>

@@ -1,7 +1,7 @@
 // Device-side exact nearest quantization for the optimizer kernels (csrc/cuda/optimizer.cu).
 //
 // A thread block builds, once, the same sorted thresholds as the CPU's QuantMap
-// (csrc/common/qmap.h): thr[k] is the smallest float32 >= the exact midpoint of the k-th and
+// (csrc/cpu/qmap.h): thr[k] is the smallest float32 >= the exact midpoint of the k-th and
 // (k+1)-th sorted map values, so nearest(x) = order[#{k < 255 : thr[k] <= x}] is exact, with
 // ties going to the larger value. The count is a binary search over thr in shared memory.
 #pragma once

@@ -20,7 +20,7 @@
 #include "optim_check.h"
 #include "optim_quant.cuh"
 #include "optim_rule.h"
-#include "runtime.h"
+#include "errors.h"
 
 namespace bnbf {
 namespace cuda {

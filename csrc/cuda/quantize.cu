@@ -4,7 +4,7 @@
 //   code      = index of the map value nearest x / (absmax or 1 when absmax == 0),
 // where "nearest" counts the thresholds t_k <= x, t_k being the smallest float32 >= the
 // exact midpoint of the k-th and (k+1)-th sorted map values (ties go to the larger value;
-// see csrc/common/qmap.h). The division is IEEE (__fdiv_rn) and the build uses
+// see csrc/cpu/qmap.h). The division is IEEE (__fdiv_rn) and the build uses
 // --fmad=false, so every step rounds exactly as on the CPU.
 //
 // Work layout: a group of G threads (32..256) handles one quantization block at a time,

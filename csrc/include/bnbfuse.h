@@ -77,6 +77,12 @@ BNBF_API const char* bnbf_last_error(void);
 BNBF_API const char* bnbf_cpu_isa(void);          /* "avx512", "avx2" or "generic" */
 BNBF_API const char* bnbf_cpu_isas_compiled(void);
 BNBF_API int bnbf_cpu_force_isa(const char* isa); /* tests/benchmarks: pin an ISA; NULL = auto */
+/* The native optimizer traits table (csrc/common/optim_rule.h) row of `optimizer`: its name,
+ * state count (1 or 2), whether state1 stacks two moments (AdEMAMix) and a bit mask of the
+ * states requantized with keep_positive (bit 0: state1, bit 1: state2). Returns BNBF_E_ARG
+ * for an unknown id. bnbfuse's tests compare it with bnbfuse/ops/rules.py. */
+BNBF_API int bnbf_optimizer_traits(int optimizer, const char** name, int* states, int* has_m2,
+                                   int* keep_positive_mask);
 
 /* ---- blockwise quantization (CPU) ----
  * code: 256 float32 map values (any order); out[i] = index of the map value nearest to

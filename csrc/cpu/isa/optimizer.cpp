@@ -4,7 +4,7 @@
 // template parameter, and so are the parameter dtype, the state precision and whether the
 // call only computes norms. Work goes in blocks of 256 elements (the 8-bit quantization
 // block, also used for 32-bit state so both paths share the loop). Per block:
-//   1. one pass over the block in lanes of 8 (csrc/cpu/lanes.h; a scalar tail): load p and
+//   1. one pass over the block in lanes of 8 (csrc/cpu/isa/lanes.h; a scalar tail): load p and
 //      g, dequantize the state codes, apply the rule where the gradient is finite, store p,
 //      keep the new fp32 state in L1 buffers and track each state's absmax;
 //   2. requantize each state buffer with the block's new absmax (blockquant.h).

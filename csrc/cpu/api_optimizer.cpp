@@ -1,5 +1,5 @@
 // C API of the optimizer update kernels: every argument is checked here, then the active
-// ISA's kernel runs (csrc/cpu/optimizer.cpp).
+// ISA's kernel runs (csrc/cpu/isa/optimizer.cpp).
 #include <cmath>
 #include <cstdint>
 
@@ -16,6 +16,19 @@ namespace {
 int unknown(int opt) { return fail(BNBF_E_ARG, "unknown optimizer id %d", opt); }
 
 }  // namespace
+
+BNBF_API int bnbf_optimizer_traits(int optimizer, const char** name, int* states, int* has_m2,
+                                   int* keep_positive_mask) {
+  if (!valid_optimizer(optimizer)) return unknown(optimizer);
+  if (!name || !states || !has_m2 || !keep_positive_mask)
+    return fail(BNBF_E_ARG, "null pointer among the outputs");
+  const OptimizerKind& k = kOptimizerKinds[optimizer];
+  *name = k.name;
+  *states = k.states;
+  *has_m2 = k.has_m2;
+  *keep_positive_mask = (k.keep_positive1 ? 1 : 0) | (k.keep_positive2 ? 2 : 0);
+  return BNBF_OK;
+}
 
 BNBF_API int bnbf_cpu_optimizer_update_8bit_blockwise(
     int optimizer, void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2,

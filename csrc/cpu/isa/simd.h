@@ -1,6 +1,6 @@
 // Element conversion and 8-lane vector helpers shared by the CPU kernels.
 //
-// Every file in csrc/cpu/ is compiled once per instruction set (see CMakeLists.txt) inside
+// Every file in csrc/cpu/isa/ is compiled once per instruction set (see CMakeLists.txt) inside
 // namespace bnbf::BNBF_ISA_NS. The AVX2 intrinsics below serve both the avx2 and the
 // avx512 builds (the latter also lets the compiler widen the plain loops to 512 bits); the
 // generic build uses the scalar code, which is also the specification of every helper.

@@ -1,12 +1,11 @@
-// Runtime services shared by every CPU kernel: error reporting, the thread pool, ISA choice.
+// Runtime services of the CPU library: the thread pool and the ISA choice.
 #pragma once
 #include <cstdint>
 #include <functional>
 
-namespace bnbf {
+#include "errors.h"
 
-// Records a printf-style message for bnbf_last_error() and returns `code`.
-int fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+namespace bnbf {
 
 // Runs fn(begin, end) over [0, n) split into at most `num_threads` contiguous chunks whose
 // sizes are multiples of `grain` (the last may be shorter). The calling thread takes the
