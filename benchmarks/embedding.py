@@ -175,7 +175,7 @@ def bench_device(a, device, bar):
 def quant_error(a) -> list[dict]:
     """mean |error| / mean |w| of the candidate base-table schemes on a randn(4096, D) table:
     the chosen ones (linear int8 and NF4 in row blocks of 64) beside the alternatives."""
-    from bnbfuse import quant_tables as qt
+    from bnbfuse import row_quantization as rq
     from bnbfuse.functional import dequantize_blockwise, quantize_blockwise
 
     g = torch.Generator().manual_seed(0)
@@ -188,16 +188,16 @@ def quant_error(a) -> list[dict]:
                      "bytes_per_param": nbytes / w.numel(), "chosen": chosen})
 
     for scheme in ("int8", "nf4"):
-        for bs in dict.fromkeys([qt.DEFAULT_BLOCKSIZE, 128, a.dim]):
-            if bs > a.dim and bs != qt.DEFAULT_BLOCKSIZE:
+        for bs in dict.fromkeys([rq.DEFAULT_BLOCKSIZE, 128, a.dim]):
+            if bs > a.dim and bs != rq.DEFAULT_BLOCKSIZE:
                 continue
-            codes, absmax = qt.quantize_table(w, scheme, bs)
+            codes, absmax = rq.quantize_table(w, scheme, bs)
             label = f"{scheme} linear" if scheme == "int8" else "nf4"
-            label += (" row-wise absmax" if bs == a.dim and bs != qt.DEFAULT_BLOCKSIZE
+            label += (" row-wise absmax" if bs == a.dim and bs != rq.DEFAULT_BLOCKSIZE
                       else f" blocks of {bs}")
-            add(label, qt.dequantize_table(codes, absmax, scheme, bs, a.dim),
-                qt.table_bytes(4096, a.dim, scheme, bs), chosen=bs == qt.DEFAULT_BLOCKSIZE)
-    for bs in dict.fromkeys([qt.DEFAULT_BLOCKSIZE, a.dim]):
+            add(label, rq.dequantize_table(codes, absmax, scheme, bs, a.dim),
+                rq.table_bytes(4096, a.dim, scheme, bs), chosen=bs == rq.DEFAULT_BLOCKSIZE)
+    for bs in dict.fromkeys([rq.DEFAULT_BLOCKSIZE, a.dim]):
         codes, state = quantize_blockwise(w, blocksize=bs)
         add(f"int8 dynamic map {'row-wise' if bs == a.dim else f'blocks of {bs}'}",
             dequantize_blockwise(codes, state), w.numel() + 4 * state.absmax.numel())

@@ -7,7 +7,7 @@ keeps chosen parameters in 32-bit state, and embeddings built for it (``bnbfuse.
 __version__ = "0.1.0"
 
 from . import _native
-from . import _ops  # noqa: F401
+from . import ops  # noqa: F401
 from . import backends  # noqa: F401
 from . import functional  # noqa: F401
 from . import optim  # noqa: F401

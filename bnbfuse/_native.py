@@ -21,7 +21,7 @@ class OptimizerArgs(ctypes.Structure):
     """Mirror of ``bnbf_optim_args`` in csrc/include/bnbfuse.h.
 
     Build it with ``OptimizerArgs.from_scalars(optimizer_scalars(...))`` (see
-    bnbfuse/backends/reference.py), so the native kernels get exactly the float32 scalars the
+    bnbfuse/ops/optimizer.py), so the native kernels get exactly the float32 scalars the
     reference uses.
     """
 
@@ -50,10 +50,6 @@ class OptimizerArgs(ctypes.Structure):
     @classmethod
     def from_scalars(cls, scalars: dict) -> "OptimizerArgs":
         return cls(**{name: scalars[name] for name, _ in cls._fields_})
-
-
-OPTIMIZER_IDS = {"adam": 0, "adamw": 1, "ademamix": 2, "lamb": 3, "momentum": 4, "rmsprop": 5,
-                 "adagrad": 6, "lion": 7, "lars": 8}  # enum bnbf_optimizer
 
 
 _E_ARG, _E_INDEX, _E_CUDA, _E_UNSUPPORTED = -1, -2, -3, -4

@@ -39,12 +39,13 @@ from typing import Any
 
 import torch
 
+from .ops.rules import OPTIMIZER_BLOCKSIZE as BLOCKSIZE
+
 __all__ = [
     "dtensor_optimizer_state_dict", "local_optimizer_state_dict", "state_to_dtensors",
     "state_to_local", "is_dtensor", "to_local", "as_param_layout",
 ]
 
-BLOCKSIZE = 256  # elements per 8-bit optimizer state block (docs/optimizers.md)
 PARAM_LAYOUT_KEYS = ("state1", "state2")
 PER_SHARD_KEYS = {"absmax1": "state1", "absmax2": "state2"}  # absmax -> its codes
 

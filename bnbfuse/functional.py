@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _ops  # noqa: F401  (declares the ops)
+from . import ops  # noqa: F401  (declares the ops)
 from . import backends  # noqa: F401  (registers their kernels)
 
 __all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantState",
@@ -329,7 +329,7 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
     return result
 
 
-# ---- embedding tables (bnbfuse/quant_tables.py): row-blockwise int8 / NF4 ----------------------
-from .quant_tables import dequantize_table, quantize_table  # noqa: E402,F401
+# ---- embedding tables (bnbfuse/row_quantization.py): row-blockwise int8 / NF4 ----------------------
+from .row_quantization import dequantize_table, quantize_table  # noqa: E402,F401
 
 __all__ += ["quantize_table", "dequantize_table"]

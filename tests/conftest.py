@@ -9,3 +9,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # Helper modules (optim_reference, dist_utils, _nearest, optimizer_cases) live beside
+    # the tests that use them; tests in other folders import them too.
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for sub in ("ops", "optim", "distributed"):
+        path = str(here / sub)
+        if path not in sys.path:
+            sys.path.insert(0, path)

@@ -1,4 +1,4 @@
-"""Per-device kernels of the ops declared in ``bnbfuse/_ops.py``.
+"""Per-device kernels of the ops declared in ``bnbfuse/ops``.
 
 ``reference`` (pure PyTorch) is registered for every device; ``cpu`` and ``cuda`` register
 native kernels on top of it when their library loads.

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import quant_tables as qt
+from .. import row_quantization as rq
 from ._override import keep_32bit_state
 from .lookup import fusion_embedding_lookup
 from .quantized_table import QuantizedEmbeddingTable
@@ -78,7 +78,7 @@ class FusionEmbedding(torch.nn.Module):
     """
 
     def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int, *,
-                 base_quant: Optional[str] = None, blocksize: int = qt.DEFAULT_BLOCKSIZE,
+                 base_quant: Optional[str] = None, blocksize: int = rq.DEFAULT_BLOCKSIZE,
                  padding_idx: Optional[int] = None, device=None, dtype=None) -> None:
         super().__init__()
         _check_size("vocab_size", vocab_size, 1)
@@ -86,7 +86,7 @@ class FusionEmbedding(torch.nn.Module):
         _check_size("embed_dim", embed_dim, 1)
         self.padding_idx = padding_row(padding_idx, vocab_size, "padding_idx")  # a base row
         if base_quant is not None:
-            qt.bits_of(base_quant)  # validates the name
+            rq.bits_of(base_quant)  # validates the name
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"FusionEmbedding tables are float32, float16 or bfloat16, got "
                             f"{dtype} (the lookup kernels have no other path)")
@@ -148,7 +148,7 @@ class FusionEmbedding(torch.nn.Module):
     @classmethod
     def from_embedding(cls, embedding: torch.nn.Embedding, fusion_vocab_size: int, *,
                        base_quant: Optional[str] = None,
-                       blocksize: int = qt.DEFAULT_BLOCKSIZE) -> "FusionEmbedding":
+                       blocksize: int = rq.DEFAULT_BLOCKSIZE) -> "FusionEmbedding":
         """Wraps an existing ``nn.Embedding`` (its rows become the base vocabulary).
 
         A plain base shares ``embedding.weight`` (no copy, tied output heads stay tied); a
@@ -238,12 +238,12 @@ class FusionEmbedding(torch.nn.Module):
             device = self.embedding.weight.device
             if device.type == "meta":
                 device = value.device
-            codes, absmax = qt.quantize_table(value.detach().to(device), self.base_quant,
+            codes, absmax = rq.quantize_table(value.detach().to(device), self.base_quant,
                                               self.blocksize)
             state_dict.pop(key)
             state_dict[prefix + "embedding.weight"] = codes
             state_dict[prefix + "embedding.absmax"] = absmax
-            state_dict[prefix + "embedding.qmap"] = qt.quant_map(self.base_quant, device).clone()
+            state_dict[prefix + "embedding.qmap"] = rq.quant_map(self.base_quant, device).clone()
             for extra in ("weight_absmax", "weight_qmap"):
                 state_dict.pop(prefix + extra, None)
             return

@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .. import quant_tables as qt
+from .. import row_quantization as rq
 from .fusion_embedding import FusionEmbedding
 
 __all__ = ["register_fusion_module", "get_fusion_params", "set_trainable_params",
@@ -101,7 +101,7 @@ def _resolve(model: torch.nn.Module, attr: str):
 
 def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Optional[str] = None,
                       base_quant: Optional[str] = None,
-                      blocksize: int = qt.DEFAULT_BLOCKSIZE) -> FusionEmbedding:
+                      blocksize: int = rq.DEFAULT_BLOCKSIZE) -> FusionEmbedding:
     """Swaps the token embedding of ``model`` for a :class:`FusionEmbedding`, in place.
 
     Ids ``[0, V)`` keep their pretrained rows; ids ``[V, V + num_new_tokens)`` get new

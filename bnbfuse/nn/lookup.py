@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ops  # noqa: F401  (declares the op)
+from .. import ops  # noqa: F401  (declares the op)
 from .. import backends  # noqa: F401  (registers its kernels)
 
 __all__ = ["fusion_embedding_lookup", "as_token_ids"]

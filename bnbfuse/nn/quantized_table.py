@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import quant_tables as qt
+from .. import row_quantization as rq
 from .lookup import fusion_embedding_lookup
 
 __all__ = ["QuantizedEmbeddingTable"]
@@ -13,7 +13,7 @@ __all__ = ["QuantizedEmbeddingTable"]
 class QuantizedEmbeddingTable(torch.nn.Module):
     """A frozen ``(num_embeddings, embedding_dim)`` table kept in 8 or 4 bits.
 
-    Rows are quantized in blocks of ``blocksize`` values (see :mod:`bnbfuse.quant_tables`);
+    Rows are quantized in blocks of ``blocksize`` values (see :mod:`bnbfuse.row_quantization`);
     a lookup dequantizes only the gathered rows. The codes, the float32 block scales and
     the map are buffers (``weight``, ``absmax``, ``qmap``), so the table has no trainable
     parameter and moves with ``.to(device)``; dtype casts (``.half()``, ``.to(bfloat16)``)
@@ -40,25 +40,25 @@ class QuantizedEmbeddingTable(torch.nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str = "int8",
-                 blocksize: int = qt.DEFAULT_BLOCKSIZE, device=None) -> None:
+                 blocksize: int = rq.DEFAULT_BLOCKSIZE, device=None) -> None:
         super().__init__()
-        self.bits = qt.bits_of(scheme)
+        self.bits = rq.bits_of(scheme)
         if not isinstance(blocksize, int) or blocksize < 2:
             raise ValueError(f"blocksize must be an int >= 2, got {blocksize!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.scheme, self.blocksize = scheme, blocksize
         nblk = -(embedding_dim // -blocksize)
-        self.register_buffer("weight", torch.zeros(qt.code_shape(num_embeddings, embedding_dim, scheme),
+        self.register_buffer("weight", torch.zeros(rq.code_shape(num_embeddings, embedding_dim, scheme),
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.zeros(num_embeddings, nblk, dtype=torch.float32,
                                                    device=device))
-        self.register_buffer("qmap", qt.quant_map(scheme).clone().to(self.weight.device))
+        self.register_buffer("qmap", rq.quant_map(scheme).clone().to(self.weight.device))
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
     @classmethod
     def from_float(cls, weight: Tensor, scheme: str = "int8",
-                   blocksize: int = qt.DEFAULT_BLOCKSIZE) -> "QuantizedEmbeddingTable":
+                   blocksize: int = rq.DEFAULT_BLOCKSIZE) -> "QuantizedEmbeddingTable":
         """Quantizes a float ``(V, D)`` table (on its device)."""
         table = cls(weight.shape[0], weight.shape[1], scheme, blocksize, device="meta")
         table.to_empty(device=weight.device)
@@ -68,11 +68,11 @@ class QuantizedEmbeddingTable(torch.nn.Module):
         """Fills the table with quantized ``N(0, 1)`` values, chunk by chunk (and the map:
         after ``to_empty()`` every buffer holds garbage)."""
         with torch.no_grad():
-            self.qmap.copy_(qt.quant_map(self.scheme, self.qmap.device))
+            self.qmap.copy_(rq.quant_map(self.scheme, self.qmap.device))
             for r0 in range(0, self.num_embeddings, rows_per_chunk):
                 n = min(rows_per_chunk, self.num_embeddings - r0)
                 w = torch.randn(n, self.embedding_dim, device=self.weight.device)
-                codes, absmax = qt.quantize_table(w, self.scheme, self.blocksize)
+                codes, absmax = rq.quantize_table(w, self.scheme, self.blocksize)
                 self.weight[r0:r0 + n] = codes
                 self.absmax[r0:r0 + n] = absmax
 
@@ -82,16 +82,16 @@ class QuantizedEmbeddingTable(torch.nn.Module):
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"expected a ({self.num_embeddings}, {self.embedding_dim}) float "
                              f"table, got {tuple(weight.shape)}")
-        codes, absmax = qt.quantize_table(weight.detach().to(self.weight.device), self.scheme,
+        codes, absmax = rq.quantize_table(weight.detach().to(self.weight.device), self.scheme,
                                           self.blocksize)
-        self.qmap.copy_(qt.quant_map(self.scheme, self.qmap.device))
+        self.qmap.copy_(rq.quant_map(self.scheme, self.qmap.device))
         self.weight.copy_(codes)
         self.absmax.copy_(absmax)
         return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The whole table as a float ``(V, D)`` tensor of ``dtype``."""
-        return qt.dequantize_table(self.weight, self.absmax, self.scheme, self.blocksize,
+        return rq.dequantize_table(self.weight, self.absmax, self.scheme, self.blocksize,
                                    self.embedding_dim, dtype, qmap=self.qmap)
 
     def forward(self, input: Tensor) -> Tensor:

@@ -81,9 +81,6 @@ class AdEMAMix(Optimizer2State):
         if group["t_beta3"] and not (group["betas"][0] > 0 and group["betas"][2] > 0):
             raise ValueError(f"{name}: t_beta3 needs beta1 > 0 and beta3 > 0")
 
-    def _state1_shape(self, p):
-        return (2, *p.shape)
-
     def _kernel_hparams(self, cfg, step):
         beta1, beta2, beta3 = cfg["betas"]
         return dict(lr=cfg["lr"], beta1=beta1, beta2=beta2,

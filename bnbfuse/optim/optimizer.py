@@ -15,71 +15,30 @@ State keys are bitsandbytes': ``step`` (int), ``state1``, ``state2`` and, for 8-
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from copy import deepcopy
-from itertools import chain
 from typing import Any, Optional
 
 import torch
 
-from .. import functional as F
-from ..distributed import (as_param_layout, dtensor_optimizer_state_dict,
-                           local_optimizer_state_dict)
+from ..distributed import dtensor_optimizer_state_dict, is_dtensor, to_local
+from ..ops.optimizer import KernelHyperparams
+from ..ops.rules import rule
+from . import checkpoint, state8bit
 from .manager import GlobalOptimManager
 
 __all__ = ["Optimizer8bit", "Optimizer1State", "Optimizer2State"]
 
-BLOCKSIZE = 256  # elements per 8-bit state block
-_HISTORY = 100  # gradient norms remembered by percentile clipping
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# bitsandbytes nests its quantization tensors under this key in state_dict() (for FSDP1);
-# we accept that layout on load and write the flat one.
-_BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
-# Per-parameter settings every optimizer has besides its own hyper-parameters.
-_COMMON_KEYS = ("optim_bits", "min_8bit_size", "max_unorm", "percentile_clipping")
-# torch.optim settings a group may carry (a torch.optim state dict, add_param_group) that
-# bnbfuse does not implement; True raises.
-_UNSUPPORTED_TORCH_FLAGS = ("amsgrad", "maximize", "differentiable")
-# Group keys only torch.optim's own optimizers write: a state dict with them is torch's.
-_TORCH_ONLY_GROUP_KEYS = ("foreach", "fused", "capturable", "differentiable")
-# State keys a bitsandbytes state dict may carry that this implementation does not need.
-_IGNORED_STATE_KEYS = ("unorm_vec", "max1", "max2", "new_max1", "new_max2")
-
-try:  # torch.distributed may be absent from a build
-    from torch.distributed.tensor import DTensor as _DTensor
-except Exception:  # pragma: no cover
-    _DTensor = None
-
-
-def _is_dtensor(t) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor the kernel runs on: a DTensor's local shard, else the tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _global_sum(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Sums a per-shard partial sum over the mesh dimensions ``p`` is sharded on."""
-    if _is_dtensor(p):
+    if is_dtensor(p):
         import torch.distributed as dist
 
         for dim, placement in enumerate(p.placements):
             if placement.is_shard():
                 dist.all_reduce(t, group=p.device_mesh.get_group(dim))
     return t
-
-
-def _zero_code(qmap: torch.Tensor) -> int:
-    return int(torch.nonzero(qmap == 0)[0, 0])
-
-
-def _refuse_torch_flags(where: str, group: dict) -> None:
-    """torch.optim settings that would change the update are refused, never ignored."""
-    for flag in _UNSUPPORTED_TORCH_FLAGS:
-        if group.get(flag, False):
-            raise ValueError(f"{where}: {flag}=True is not supported")
 
 
 def _check_range(name: str, value, low: float, high: float = math.inf, *,
@@ -93,8 +52,9 @@ def _check_range(name: str, value, low: float, high: float = math.inf, *,
 class Optimizer8bit(torch.optim.Optimizer):
     """Base of the bnbfuse optimizers (bitsandbytes' ``Optimizer8bit``).
 
-    Subclasses set ``optimizer_name`` (the kernel's update rule) and ``num_states`` (1 or 2),
-    and implement ``_kernel_hparams``. Users construct the subclasses (``AdamW8bit``, ...).
+    Subclasses set ``optimizer_name`` (the kernel's update rule, a key of
+    ``bnbfuse.ops.rules.RULES``, which also fixes the number of states) and implement
+    ``_kernel_hparams``. Users construct the subclasses (``AdamW8bit``, ...).
 
     Args:
         params: iterable of parameters or of param-group dicts.
@@ -111,7 +71,6 @@ class Optimizer8bit(torch.optim.Optimizer):
     """
 
     optimizer_name: str = ""
-    num_states: int = 1
     # (torch.optim class, names of state1/state2 there, extra constructor kwargs) for
     # torch_state_dict / load_torch_state_dict; None where torch has no counterpart.
     _torch_counterpart: Optional[tuple] = None
@@ -163,9 +122,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.__dict__.setdefault("is_paged", False)
 
     # ---- hooks for subclasses -------------------------------------------------------------
+    @property
+    def num_states(self) -> int:
+        """1 or 2: how many state tensors the rule keeps (``bnbfuse.ops.rules``)."""
+        return rule(self.optimizer_name).states
+
     def _kernel_hparams(self, cfg: dict[str, Any], step: int) -> dict[str, Any]:
-        """Maps a parameter's settings to the kernel's (lr, beta1, beta2, beta3, alpha, eps,
-        weight_decay, dampening, nesterov); missing ones are 0/False."""
+        """Maps a parameter's settings to the kernel's (the fields of
+        ``bnbfuse.ops.optimizer.KernelHyperparams`` but ``step`` and ``gnorm_scale``);
+        missing ones are 0/False."""
         raise NotImplementedError
 
     def _needs_norms(self, cfg: dict[str, Any]) -> bool:
@@ -178,9 +143,6 @@ class Optimizer8bit(torch.optim.Optimizer):
         if cfg["max_unorm"] > 0 and unorm > limit:
             return limit / unorm
         return 1.0
-
-    def _state1_shape(self, p: torch.Tensor) -> tuple[int, ...]:
-        return tuple(p.shape)
 
     def _init_state1(self, p: torch.Tensor, cfg: dict[str, Any]) -> Optional[float]:
         """Initial value of state1 (None: zeros). Adagrad's initial_accumulator_value."""
@@ -207,7 +169,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 _check_range("learning rate", lr.item(), 0.0)
         elif lr is not None:
             _check_range("learning rate", lr, 0.0)
-        _refuse_torch_flags(name, group)
+        checkpoint.refuse_torch_flags(name, group)
         if "eps" in group:
             _check_range("epsilon value", group["eps"], 0.0)
         if "weight_decay" in group:
@@ -255,76 +217,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         return cfg["optim_bits"] == 8 and p.numel() >= cfg["min_8bit_size"]
 
     def _init_state(self, p: torch.Tensor, state: dict, cfg: dict[str, Any]) -> None:
-        local = _local(p)
-        dev = local.device
-        shape1 = self._state1_shape(local)
-        init1 = self._init_state1(local, cfg)
-        state["step"] = 0
-        if self._uses_8bit(p, cfg):
-            blocks = -(local.numel() // -BLOCKSIZE)
-            qmap1 = F.dynamic_map(True, dev).clone()
-            state["state1"] = torch.full(shape1, _zero_code(qmap1), dtype=torch.uint8, device=dev)
-            # one row of block maxima per stacked moment (AdEMAMix: 2)
-            state["absmax1"] = torch.zeros(shape1[:len(shape1) - local.dim()] + (blocks,),
-                                           dtype=torch.float32, device=dev)
-            state["qmap1"] = qmap1
-            if self.num_states == 2:
-                qmap2 = F.dynamic_map(False, dev).clone()
-                state["state2"] = torch.full(local.shape, _zero_code(qmap2), dtype=torch.uint8,
-                                             device=dev)
-                state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=dev)
-                state["qmap2"] = qmap2
-            if init1 is not None:
-                self._set_state(state, 1, torch.full(shape1, float(init1), device=dev))
-        else:
-            state["state1"] = torch.zeros(shape1, dtype=torch.float32, device=dev)
-            if init1 is not None:
-                state["state1"].fill_(init1)
-            if self.num_states == 2:
-                state["state2"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
-        if cfg["percentile_clipping"] < 100:
-            state["gnorm_vec"] = torch.zeros(_HISTORY, dtype=torch.float32, device=dev)
-
-    def _get_state(self, state: dict, i: int) -> torch.Tensor:
-        """state{i} as float32 (dequantized when 8-bit)."""
-        s = state[f"state{i}"]
-        if s.dtype != torch.uint8:
-            return s.clone()
-        absmax, qmap = state[f"absmax{i}"], state[f"qmap{i}"]
-        if s.numel() == 0:
-            return torch.zeros(s.shape, dtype=torch.float32, device=s.device)
-        # AdEMAMix stacks two moments in state1 with one absmax row each.
-        rows = absmax.reshape(-1, absmax.shape[-1]).shape[0]
-        parts = [F.dequantize_blockwise(c, absmax=a, code=qmap, blocksize=BLOCKSIZE)
-                 for c, a in zip(s.reshape(rows, -1), absmax.reshape(rows, -1))]
-        return torch.stack(parts).reshape(s.shape)
-
-    def _set_state(self, state: dict, i: int, value: torch.Tensor) -> None:
-        """Stores float ``value`` into state{i}, quantizing when the state is 8-bit.
-
-        Second-moment-like states are quantized with the kernels' no-blow-up rule: a positive
-        value whose nearest code is zero gets the smallest positive code instead.
-        """
-        s = state[f"state{i}"]
-        value = value.to(device=s.device, dtype=torch.float32).reshape(s.shape)
-        if s.dtype != torch.uint8:
-            s.copy_(value)
-            return
-        if s.numel() == 0:
-            return
-        absmax, qmap = state[f"absmax{i}"], state[f"qmap{i}"]
-        rows = absmax.reshape(-1, absmax.shape[-1]).shape[0]
-        keep_positive = i == 2 or self.optimizer_name in ("rmsprop", "adagrad")
-        zero = _zero_code(qmap)
-        smallest_positive = int(torch.where(qmap > 0, qmap, math.inf).argmin())
-        for x, c, a in zip(value.reshape(rows, -1), s.view(rows, -1), absmax.view(rows, -1)):
-            codes, qs = F.quantize_blockwise(x.contiguous(), code=qmap, blocksize=BLOCKSIZE)
-            if keep_positive:
-                codes = torch.where((codes == zero) & (x > 0),
-                                    torch.tensor(smallest_positive, dtype=torch.uint8,
-                                                 device=codes.device), codes)
-            c.copy_(codes)
-            a.copy_(qs.absmax)
+        local = to_local(p)
+        state8bit.init_state(state, self.optimizer_name, local, eight_bit=self._uses_8bit(p, cfg),
+                             init1=self._init_state1(local, cfg),
+                             percentile_clipping=cfg["percentile_clipping"])
 
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -361,15 +257,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             self._init_state(p, state, cfg)
-        if _is_dtensor(grad) and any(pl.is_partial() for pl in grad.placements):
+        if is_dtensor(grad) and any(pl.is_partial() for pl in grad.placements):
             # Tensor parallelism leaves some gradients as per-rank partial sums (torch.optim's
             # DTensor ops reduce them implicitly): reduce to the parameter's layout first.
             grad = grad.redistribute(grad.device_mesh, p.placements)
-        p_local, g_local = _local(p), _local(grad)
+        p_local, g_local = to_local(p), to_local(grad)
         if g_local.shape != p_local.shape:
             raise RuntimeError(f"{name}: gradient shape {tuple(g_local.shape)} does not match "
                                f"parameter shape {tuple(p_local.shape)}")
-        if tuple(state["state1"].shape) != self._state1_shape(p_local):
+        if tuple(state["state1"].shape) != state8bit.state1_shape(self.optimizer_name, p_local):
             raise RuntimeError(f"{name}: a parameter of shape {tuple(p_local.shape)} has state "
                                f"of shape {tuple(state['state1'].shape)}: it changed shape "
                                "after its state was created; drop the old state with "
@@ -379,15 +275,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         if p.numel() == 0:
             return
         if "gnorm_vec" not in state and cfg["percentile_clipping"] < 100:
-            state["gnorm_vec"] = torch.zeros(_HISTORY, dtype=torch.float32, device=p_local.device)
-        hp = self._kernel_hparams(cfg, step)
-        hp = (float(hp.get("lr", 0.0)), float(hp.get("beta1", 0.0)), float(hp.get("beta2", 0.0)),
-              float(hp.get("beta3", 0.0)), float(hp.get("alpha", 0.0)), float(hp.get("eps", 0.0)),
-              float(hp.get("weight_decay", 0.0)), float(hp.get("dampening", 0.0)),
-              bool(hp.get("nesterov", False)), step)
+            state["gnorm_vec"] = torch.zeros(state8bit.GRADIENT_NORM_HISTORY,
+                                             dtype=torch.float32, device=p_local.device)
         work = p_local if p_local.is_contiguous() else p_local.contiguous()
         g = g_local.to(dtype=p.dtype).contiguous()
-        gnorm_scale = self._gradient_scale(p, g, state, cfg, step)
+        hp = KernelHyperparams(**{k: (bool(v) if k == "nesterov" else float(v))
+                                  for k, v in self._kernel_hparams(cfg, step).items()},
+                               step=step, gnorm_scale=self._gradient_scale(p, g, state, cfg, step))
         eightbit = state["state1"].dtype == torch.uint8
         s1, s2 = state["state1"], state.get("state2")
         update_scale = 1.0
@@ -395,19 +289,19 @@ class Optimizer8bit(torch.optim.Optimizer):
             if eightbit:
                 norms = torch.ops.bnbfuse.optimizer_norms_8bit_blockwise(
                     self.optimizer_name, work, g, s1, s2, state["absmax1"], state.get("absmax2"),
-                    state["qmap1"], state.get("qmap2"), *hp, gnorm_scale)
+                    state["qmap1"], state.get("qmap2"), *hp)
             else:
                 norms = torch.ops.bnbfuse.optimizer_norms_32bit(
-                    self.optimizer_name, work, g, s1, s2, *hp, gnorm_scale)
+                    self.optimizer_name, work, g, s1, s2, *hp)
             norms = _global_sum(norms.to(torch.float64), p).sqrt().tolist()
             update_scale = float(self._update_scale(cfg, norms[0], norms[1]))
         if eightbit:
             torch.ops.bnbfuse.optimizer_update_8bit_blockwise(
                 self.optimizer_name, work, g, s1, s2, state["absmax1"], state.get("absmax2"),
-                state["qmap1"], state.get("qmap2"), *hp, gnorm_scale, update_scale)
+                state["qmap1"], state.get("qmap2"), *hp, update_scale)
         else:
             torch.ops.bnbfuse.optimizer_update_32bit(
-                self.optimizer_name, work, g, s1, s2, *hp, gnorm_scale, update_scale)
+                self.optimizer_name, work, g, s1, s2, *hp, update_scale)
         if work is not p_local:
             p_local.copy_(work)
 
@@ -424,77 +318,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         sq = torch.where(torch.isfinite(g32), g32, 0).square().sum().reshape(1)
         sq = _global_sum(sq, p)
         history = state["gnorm_vec"]
-        history[(step - 1) % _HISTORY] = sq[0]
-        seen = history[: min(step, _HISTORY)]
+        history[(step - 1) % len(history)] = sq[0]
+        seen = history[: min(step, len(history))]
         clip_sq = torch.quantile(seen.double(), pc / 100.0, interpolation="lower")
         current, clip_sq = float(sq[0]), float(clip_sq)
         if current > clip_sq and current > 0:
             return math.sqrt(clip_sq / current)
         return 1.0
 
-    # ---- state dicts ----------------------------------------------------------------------
-    def _expected_state_keys(self, eightbit: bool) -> set[str]:
-        keys = {"step", "state1"}
-        if eightbit:
-            keys |= {"absmax1", "qmap1"}
-        if self.num_states == 2:
-            keys.add("state2")
-            if eightbit:
-                keys |= {"absmax2", "qmap2"}
-        return keys
-
-    def _check_param_state(self, index: int, p: torch.Tensor, st: dict) -> dict:
-        """Validates one saved parameter state and returns it on p's device (copied)."""
-        name = type(self).__name__
-        where = f"{name}.load_state_dict: state of parameter {index}"
-        if not isinstance(st, dict):
-            raise ValueError(f"{where} is a {type(st).__name__}, expected a dict")
-        st = dict(st)
-        if isinstance(st.get(_BNB_WRAPPED_KEY), dict):
-            st.update(st.pop(_BNB_WRAPPED_KEY))
-        for k in _IGNORED_STATE_KEYS:
-            st.pop(k, None)
-        if "state1" not in st:
-            hint = (" (a torch.optim state dict? use load_torch_state_dict)"
-                    if any(k in st for k in ("exp_avg", "momentum_buffer", "square_avg", "sum"))
-                    else "")
-            raise ValueError(f"{where} has no 'state1'{hint}; keys: {sorted(st)}")
-        s1 = st["state1"]
-        if not isinstance(s1, torch.Tensor) or s1.dtype not in (torch.uint8, torch.float32):
-            raise ValueError(f"{where}: state1 must be a uint8 or float32 tensor")
-        eightbit = s1.dtype == torch.uint8
-        expected = self._expected_state_keys(eightbit)
-        allowed = expected | {"gnorm_vec"}
-        if not expected <= set(st) or not set(st) <= allowed:
-            raise ValueError(f"{where} has keys {sorted(st)}, expected {sorted(expected)}"
-                             f" ({'8' if eightbit else '32'}-bit state)")
-        local = _local(p)
-        shape1 = self._state1_shape(local)
-        blocks = -(local.numel() // -BLOCKSIZE)
-        shapes = {"state1": shape1, "state2": tuple(local.shape), "qmap1": (256,),
-                  "qmap2": (256,), "absmax1": shape1[:len(shape1) - local.dim()] + (blocks,),
-                  "absmax2": (blocks,), "gnorm_vec": (_HISTORY,)}
-        out = {}
-        for k, v in st.items():
-            if k == "step":
-                if isinstance(v, torch.Tensor):
-                    v = v.item()
-                if float(v) != int(v) or int(v) < 0:
-                    raise ValueError(f"{where}: step must be a count >= 0, got {v!r}")
-                out[k] = int(v)
-                continue
-            if not isinstance(v, torch.Tensor):
-                raise ValueError(f"{where}: {k} must be a tensor, got {type(v).__name__}")
-            if tuple(v.shape) != tuple(shapes[k]):
-                raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(shapes[k])} for a parameter of shape "
-                                 f"{tuple(local.shape)}")
-            want = torch.uint8 if (k in ("state1", "state2") and eightbit) else torch.float32
-            if v.dtype != want:
-                raise ValueError(f"{where}: {k} has dtype {v.dtype}, expected {want}")
-            out[k] = v.detach().to(device=local.device, copy=True)
-        return out
-
+    # ---- state dicts (bnbfuse/optim/checkpoint.py) ---------------------------------------
     def state_dict(self) -> dict:
         """``torch.optim``'s state dict with bitsandbytes' state keys. The per-shard state of
         DTensor (FSDP2) parameters comes as DTensors, so ``torch.distributed.checkpoint``
@@ -512,86 +344,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         pre-hooks on (a shallow copy of) the dict as given, the post-hooks once the state is
         loaded.
         """
-        name = type(self).__name__
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
-            raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and "
-                             "'param_groups'")
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        state_dict = local_optimizer_state_dict(self, state_dict)
-        saved_groups = [self._from_saved_group(g, sg)
-                        for g, sg in zip(self.param_groups, state_dict["param_groups"])]
-        saved_groups += state_dict["param_groups"][len(saved_groups):]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{name}.load_state_dict: {len(saved_groups)} parameter groups "
-                             f"saved, the optimizer has {len(self.param_groups)}")
-        for i, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
-            torch_keys = sorted(set(sg) & set(_TORCH_ONLY_GROUP_KEYS))
-            if torch_keys:
-                raise ValueError(f"{name}.load_state_dict: group {i} has torch.optim settings "
-                                 f"{torch_keys}: a torch.optim state dict? use "
-                                 "load_torch_state_dict")
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(f"{name}.load_state_dict: group {i} has {len(sg['params'])} "
-                                 f"saved parameters, the optimizer has {len(g['params'])}")
-            missing = sorted(set(g) - set(sg) - {"params", "param_names", *_COMMON_KEYS})
-            if missing:
-                raise ValueError(f"{name}.load_state_dict: group {i} lacks settings {missing} "
-                                 "(saved by a different optimizer class?)")
-            self._validate({**g, **{k: v for k, v in sg.items() if k != "params"}})
-        # bitsandbytes keeps optim_bits & co. outside the groups: keep ours where absent
-        saved_groups = [{**{k: g[k] for k in _COMMON_KEYS if k not in sg}, **sg}
-                        for g, sg in zip(self.param_groups, saved_groups)]
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        index_of = {p: i for i, p in enumerate(chain.from_iterable(
-            g["params"] for g in self.param_groups))}
-        new_state = {}
-        for key, st in state_dict.get("state", {}).items():
-            if key not in id_map:
-                raise ValueError(f"{name}.load_state_dict: state for unknown parameter id "
-                                 f"{key!r}")
-            p = id_map[key]
-            if isinstance(st, dict) and not st:
-                continue  # an entry read but never filled: created at the next step
-            new_state[p] = self._check_param_state(index_of[p], p, st)
-        # torch.optim's load_state_dict would cast every state tensor to its parameter's
-        # dtype (codes and absmax must keep theirs): it only loads the groups here, and the
-        # hooks run around this whole method instead of inside it.
-        hooks = (self._optimizer_load_state_dict_pre_hooks,
-                 self._optimizer_load_state_dict_post_hooks)
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        try:
-            super().load_state_dict({"state": {}, "param_groups": deepcopy(saved_groups)})
-        finally:
-            (self._optimizer_load_state_dict_pre_hooks,
-             self._optimizer_load_state_dict_post_hooks) = hooks
-        for p, st in new_state.items():
-            self.state[p] = st
-        self._overrides.clear()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        checkpoint.load_state_dict(self, state_dict)
 
-    def _from_saved_group(self, group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-        """A saved param group in this optimizer's layout.
-
-        bitsandbytes saves every optimizer's settings as ``lr, betas, eps, weight_decay``
-        (SGD: ``betas=(momentum, dampening)``). Where a saved group lacks this optimizer's
-        own keys and has ``betas``, they are mapped by ``_bnb_betas`` and ``_bnb_fixed``.
-        """
-        own = set(group) - {"params", "param_names", *_COMMON_KEYS}
-        if not isinstance(saved, dict) or own <= set(saved) or "betas" not in saved:
-            return saved
-        settings = dict(self._bnb_fixed)
-        settings.update((k, saved[k]) for k in ("lr", "eps", "weight_decay") if k in saved)
-        settings.update(zip(self._bnb_betas, tuple(saved["betas"])))
-        bnb_keys = {"lr", "betas", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3"}
-        kept = {k: v for k, v in saved.items() if k not in bnb_keys}
-        return {**kept, **{k: v for k, v in settings.items() if k in own}}
+    def _load_groups(self, groups: list) -> None:
+        """torch.optim's own load of the param groups alone (checkpoint.load_state_dict)."""
+        super().load_state_dict({"state": {}, "param_groups": groups})
 
     # ---- torch.optim interoperability -----------------------------------------------------
     def _torch_group(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -602,12 +359,6 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Settings of ours taken from a torch.optim group (raises for unsupported ones)."""
         raise NotImplementedError
 
-    def _require_torch_counterpart(self):
-        if self._torch_counterpart is None:
-            raise NotImplementedError(f"{type(self).__name__} has no torch.optim counterpart "
-                                      "to convert state with")
-        return self._torch_counterpart
-
     def torch_state_dict(self) -> dict:
         """This optimizer's state as the state dict of its ``torch.optim`` counterpart.
 
@@ -616,26 +367,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         RMSprop, ``sum`` for Adagrad). Load it with ``torch.optim.X.load_state_dict`` on the
         same parameters. Settings torch does not have (optim_bits, ...) are dropped.
         """
-        torch_cls, names = self._require_torch_counterpart()
-        groups, state = [], {}
-        index = 0
-        for group in self.param_groups:
-            dummy = torch.nn.Parameter(torch.zeros(1))
-            tgroup = torch_cls([dummy], **self._torch_group(group)).param_groups[0]
-            tgroup = {k: v for k, v in tgroup.items() if k not in ("params", "param_names")}
-            ids = []
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and st["step"] > 0:
-                    entry = {"step": torch.tensor(float(st["step"]))}
-                    for i, key in enumerate(names, start=1):
-                        # a DTensor parameter's state in its layout, as torch.optim keeps it
-                        entry[key] = as_param_layout(self._get_state(st, i), p)
-                    state[index] = entry
-                ids.append(index)
-                index += 1
-            groups.append({**tgroup, "params": ids})
-        return {"state": state, "param_groups": groups}
+        return checkpoint.torch_state_dict(self)
 
     def load_torch_state_dict(self, state_dict: dict) -> None:
         """Loads the state dict of the ``torch.optim`` counterpart (quantizing into 8-bit
@@ -645,74 +377,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         parameters map by position, as in ``torch.optim``. Unsupported torch settings
         (``amsgrad=True``, ``maximize=True``, ...) raise ``ValueError``.
         """
-        name = type(self).__name__
-        _, names = self._require_torch_counterpart()
-        saved_groups = state_dict.get("param_groups")
-        if saved_groups is None or len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{name}.load_torch_state_dict: the torch state dict has "
-                             f"{len(saved_groups or [])} groups, the optimizer has "
-                             f"{len(self.param_groups)}")
-        updates = []
-        for i, (g, tg) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(g["params"]) != len(tg["params"]):
-                raise ValueError(f"{name}.load_torch_state_dict: group {i} has "
-                                 f"{len(tg['params'])} parameters, the optimizer has "
-                                 f"{len(g['params'])}")
-            _refuse_torch_flags(f"{name}.load_torch_state_dict", tg)
-            upd = self._from_torch_group(tg)
-            self._validate({**g, **upd})
-            updates.append(upd)
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        new_state = {}
-        for key, tst in state_dict.get("state", {}).items():
-            if key not in id_map:
-                raise ValueError(f"{name}.load_torch_state_dict: state for unknown parameter "
-                                 f"id {key!r}")
-            p = id_map[key]
-            # torch.optim.SGD keeps no step count; any count > 0 means "buffer exists"
-            required = names if self.optimizer_name == "momentum" else ("step", *names)
-            missing = [k for k in required if k not in tst]
-            if missing:
-                raise ValueError(f"{name}.load_torch_state_dict: parameter {key} lacks "
-                                 f"{missing} (keys: {sorted(tst)})")
-            local = _local(p)
-            for k in names:
-                v = tst[k]
-                if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-                    what = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
-                    raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
-                                     f"must be a real floating-point tensor, got {what}")
-                # a DTensor state (FSDP2, as torch.optim keeps it) is compared by its shard
-                if tuple(_local(v).shape) != tuple(local.shape):
-                    raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
-                                     f"has shape {tuple(_local(v).shape)}, expected "
-                                     f"{tuple(local.shape)}")
-            new_state[p] = tst
-        for g, upd in zip(self.param_groups, updates):
-            g.update(upd)
-        self._overrides.clear()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p not in new_state:
-                    continue
-                tst = new_state[p]
-                st: dict = {}
-                self._init_state(p, st, self._param_config(group, p))
-                step = tst.get("step", 1)
-                st["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
-                for i, k in enumerate(names, start=1):
-                    self._set_state(st, i, _local(tst[k]))
-                self.state[p] = st
+        checkpoint.load_torch_state_dict(self, state_dict)
 
 
 class Optimizer2State(Optimizer8bit):
-    """Base of the optimizers with two state tensors (Adam, AdamW, AdEMAMix, LAMB)."""
-
-    num_states = 2
+    """Base of the optimizers with two state tensors (Adam, AdamW, AdEMAMix, LAMB); the
+    count itself comes from the rule table."""
 
 
 class Optimizer1State(Optimizer8bit):
-    """Base of the optimizers with one state tensor (SGD, RMSprop, Adagrad, Lion, LARS)."""
-
-    num_states = 1
+    """Base of the optimizers with one state tensor (SGD, RMSprop, Adagrad, Lion, LARS); the
+    count itself comes from the rule table."""

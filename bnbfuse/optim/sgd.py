@@ -42,7 +42,7 @@ class SGD(Optimizer1State):
         torch.uint8
     """
 
-    optimizer_name = "momentum"
+    optimizer_name = "sgd"
     _torch_counterpart = (torch.optim.SGD, ("momentum_buffer",))
     _bnb_betas = ("momentum", "dampening")
     _bnb_fixed = {"nesterov": False}

@@ -43,7 +43,7 @@ constexpr OptimizerKind kOptimizerKinds[] = {
     /* BNBF_OPT_ADAMW    */ {"adamw", 2, false, false, true},
     /* BNBF_OPT_ADEMAMIX */ {"ademamix", 2, true, false, true},
     /* BNBF_OPT_LAMB     */ {"lamb", 2, false, false, true},
-    /* BNBF_OPT_MOMENTUM */ {"momentum", 1, false, false, false},
+    /* BNBF_OPT_SGD      */ {"sgd", 1, false, false, false},
     /* BNBF_OPT_RMSPROP  */ {"rmsprop", 1, false, true, false},
     /* BNBF_OPT_ADAGRAD  */ {"adagrad", 1, false, true, false},
     /* BNBF_OPT_LION     */ {"lion", 1, false, false, false},
@@ -119,7 +119,7 @@ BNBF_HD F opt_rule(F& p, F g, F& s1, F& s1b, F& s2, const bnbf_optim_args& a) {
     const F u = (s1 * a.inv_bc1 + s1b * a.alpha) / denom;
     p = p * a.decay - u * a.step_size;
     return u;
-  } else if (OPT == BNBF_OPT_MOMENTUM) {
+  } else if (OPT == BNBF_OPT_SGD) {
     F d = g + p * a.weight_decay;
     s1 = a.step == 1 ? d : s1 * a.beta1 + d * a.dampening_factor;
     d = a.nesterov ? d + s1 * a.beta1 : s1;
@@ -155,7 +155,7 @@ inline bool dispatch_optimizer(int opt, F&& f) {
     BNBF_OPT_CASE(BNBF_OPT_ADAMW)
     BNBF_OPT_CASE(BNBF_OPT_ADEMAMIX)
     BNBF_OPT_CASE(BNBF_OPT_LAMB)
-    BNBF_OPT_CASE(BNBF_OPT_MOMENTUM)
+    BNBF_OPT_CASE(BNBF_OPT_SGD)
     BNBF_OPT_CASE(BNBF_OPT_RMSPROP)
     BNBF_OPT_CASE(BNBF_OPT_ADAGRAD)
     BNBF_OPT_CASE(BNBF_OPT_LION)

@@ -37,7 +37,7 @@ enum bnbf_optimizer {
   BNBF_OPT_ADAMW = 1,     /* 2-state; weight decay decoupled (p *= 1 - lr*wd first) */
   BNBF_OPT_ADEMAMIX = 2,  /* 2-state buffers; state1 holds m1 then m2 (2*n values) */
   BNBF_OPT_LAMB = 3,      /* 2-state; Adam update scaled by the trust ratio (update_scale) */
-  BNBF_OPT_MOMENTUM = 4,  /* 1-state: SGD with momentum */
+  BNBF_OPT_SGD = 4,       /* 1-state: SGD with momentum (and dampening, Nesterov) */
   BNBF_OPT_RMSPROP = 5,   /* 1-state */
   BNBF_OPT_ADAGRAD = 6,   /* 1-state */
   BNBF_OPT_LION = 7,      /* 1-state */

@@ -1,20 +1,8 @@
-"""The documentation runs: docstring examples of every bnbfuse module (doctest), the Python
-blocks of README.md and docs/*.md marked runnable, and the benchmark scripts in their tiny
-CI modes (their JSON output is checked).
-
-A Markdown block is runnable when the line right before its ```` ```python ```` fence is
-``<!-- runnable -->`` (invisible on GitHub and in the built site). The runnable blocks of one
-file share a namespace, in order, as a reader running them one after another would.
-"""
-from __future__ import annotations
-
-import doctest
-import importlib
-import inspect
+"""The benchmark scripts run end to end in their tiny CI modes and write their tables,
+JSON and PNG (the JSON output is checked)."""
+import importlib.util
 import json
 import os
-import pkgutil
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,99 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 
-import bnbfuse
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# Modules that only import where their native library loaded (they register its kernels).
-_NEEDS = {"bnbfuse.backends.cuda": lambda: bnbfuse._native.cuda.loaded,
-          "bnbfuse.backends.cpu": lambda: bnbfuse._native.cpu.loaded}
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "embedding.py"
 
 
-def _package_modules() -> list[str]:
-    # Found by walking the package, so a module added later is covered without editing this.
-    names = ["bnbfuse"]
-    for info in pkgutil.walk_packages(bnbfuse.__path__, prefix="bnbfuse."):
-        if info.name.split(".")[-1] == "__main__":
-            continue  # running it prints the backend report; it has no examples
-        if info.name in _NEEDS and not _NEEDS[info.name]():
-            continue
-        names.append(info.name)
-    return sorted(names)
-
-
-def _examples(module_name: str) -> list[doctest.DocTest]:
-    """Doctests of the module docstring and of every class/function the module defines
-    (and their methods). Re-exported objects are tested where they are defined. Members are
-    visited one by one rather than with DocTestFinder's recursion so that a lazy object whose
-    ``__getattr__`` raises something other than AttributeError cannot abort the search."""
-    module = importlib.import_module(module_name)
-    finder = doctest.DocTestFinder(exclude_empty=True)
-    flat = doctest.DocTestFinder(recurse=False, exclude_empty=True)
-    globs = vars(module).copy()
-    tests = flat.find(module, module_name, globs=globs)
-    for name, obj in sorted(vars(module).items()):
-        try:
-            defined_here = (inspect.isclass(obj) or inspect.isfunction(obj)) and \
-                obj.__module__ == module_name
-        except Exception:
-            continue
-        if defined_here:
-            tests += finder.find(obj, f"{module_name}.{name}", module=module, globs=globs)
-    return [t for t in tests if t.examples]
-
-
-MODULES = [m for m in _package_modules() if _examples(m)]
-
-
-@pytest.mark.parametrize("module_name", MODULES)
-def test_docstring_examples(module_name):
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    torch.manual_seed(0)
-    for t in _examples(module_name):
-        runner.run(t)
-    result = runner.summarize(verbose=False)
-    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module_name} (output above)"
-
-
-def test_package_has_docstring_examples():
-    # Guards the parametrized test above against silently collecting nothing.
-    counts = {m: sum(len(t.examples) for t in _examples(m)) for m in _package_modules()}
-    for needed in ("bnbfuse.functional", "bnbfuse.optim.manager"):
-        assert counts.get(needed, 0) > 0, f"{needed} lost its docstring examples"
-    assert sum(counts.values()) >= 10
-
-
-_FENCE = re.compile(r"<!--\s*runnable\s*-->\s*\n```python[^\n]*\n(.*?)\n```", re.S)
-
-
-def _markdown_files() -> list[Path]:
-    files = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
-    return [f for f in files if f.exists()]
-
-
-def _runnable_blocks(path: Path) -> list[str]:
-    return _FENCE.findall(path.read_text(encoding="utf-8"))
-
-
-MD_WITH_CODE = [f for f in _markdown_files() if _runnable_blocks(f)]
-
-
-@pytest.mark.parametrize("path", MD_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
-def test_markdown_runnable_blocks(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # blocks that save files leave nothing in the checkout
-    namespace = {"__name__": "__docs__"}
-    torch.manual_seed(0)
-    for i, block in enumerate(_runnable_blocks(path)):
-        code = compile(block, f"{path.name}[block {i}]", "exec")
-        exec(code, namespace)
-
-
-def test_markdown_marker_is_found():
-    # The docs promise runnable examples; a broken marker regex would skip them all.
-    names = {p.name for p in MD_WITH_CODE}
-    assert {"quickstart.md", "registry.md"} <= names, names
+def test_embedding_benchmark_tiny(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    spec = importlib.util.spec_from_file_location("bench_embedding", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parse_args(["--vocab", "4000", "--fusion", "8", "--dim", "128", "--tokens", "128",
+                           "--repeats", "2", "--warmup", "1", "--devices", "cpu",
+                           "--out", str(tmp_path)])
+    result = mod.main(args)
+    data = json.loads((tmp_path / "embedding.json").read_text())
+    assert (tmp_path / "embedding.png").stat().st_size > 0
+    cases = {r["case"]: r for r in data["rows"]}
+    assert set(cases) == set(mod.CASES) and result["rows"] == data["rows"]
+    assert cases["FusionEmbedding int8"]["base_bytes_per_param"] <= 1.07
+    assert cases["FusionEmbedding nf4"]["base_bytes_per_param"] <= 0.57
+    chosen = {e["scheme"]: e["rel_error"] for e in data["quantization_error"] if e["chosen"]}
+    assert chosen["int8 linear blocks of 64"] <= 0.01 and chosen["nf4 blocks of 64"] <= 0.12
+    assert "masked routing" in capsys.readouterr().out
 
 
 def _run_script(args, tmp_path, timeout=900):

@@ -7,7 +7,7 @@ import torch
 
 import bnbfuse as bnb
 from bnbfuse import _native
-from bnbfuse import quant_tables as qt
+from bnbfuse import row_quantization as rq
 from bnbfuse.backends import reference as R
 from bnbfuse.nn import FusionEmbedding, add_fusion_tokens
 
@@ -22,7 +22,7 @@ def full_table(emb: FusionEmbedding) -> torch.Tensor:
         base = emb.embedding.weight.detach()
     else:
         e = emb.embedding
-        base = qt.dequantize_table(e.weight, e.absmax, emb.base_quant, e.blocksize, emb.dim,
+        base = rq.dequantize_table(e.weight, e.absmax, emb.base_quant, e.blocksize, emb.dim,
                                    fusion.dtype)
     return torch.cat([base, fusion])
 
@@ -45,12 +45,12 @@ def test_quantization_error_and_bytes_per_param(scheme, max_err, max_bytes):
     assert rel <= max_err
     stored = e.weight.numel() * e.weight.element_size() + e.absmax.numel() * 4
     assert stored / w.numel() <= max_bytes
-    assert stored == qt.table_bytes(4096, 512, scheme)
+    assert stored == rq.table_bytes(4096, 512, scheme)
     # codes are exact nearest-in-map of each block-scaled value
-    values = qt.quant_map(scheme)[: 255 if scheme == "int8" else 16]
+    values = rq.quant_map(scheme)[: 255 if scheme == "int8" else 16]
     x = (w[:64].view(64, -1, 64) / e.absmax[:64, :, None]).reshape(-1)
-    idx = qt.unpack_codes(e.weight[:64], scheme, 512).reshape(-1)
-    chosen = qt.quant_map(scheme)[idx]
+    idx = rq.unpack_codes(e.weight[:64], scheme, 512).reshape(-1)
+    chosen = rq.quant_map(scheme)[idx]
     best = (x[:, None] - values[None, :]).abs().min(dim=1).values
     assert torch.equal((x - chosen).abs(), best)
 
@@ -58,10 +58,10 @@ def test_quantization_error_and_bytes_per_param(scheme, max_err, max_bytes):
 def test_quantize_table_odd_dims_and_zero_rows():
     w = torch.randn(7, 37)
     w[2] = 0
-    for scheme in qt.SCHEMES:
-        codes, absmax = qt.quantize_table(w, scheme, 16)
-        assert codes.shape == qt.code_shape(7, 37, scheme) and absmax.shape == (7, 3)
-        d = qt.dequantize_table(codes, absmax, scheme, 16, 37)
+    for scheme in rq.SCHEMES:
+        codes, absmax = rq.quantize_table(w, scheme, 16)
+        assert codes.shape == rq.code_shape(7, 37, scheme) and absmax.shape == (7, 3)
+        d = rq.dequantize_table(codes, absmax, scheme, 16, 37)
         assert torch.equal(d[2], torch.zeros(37)) and not torch.isnan(d).any()
         rel = float((d - w).abs().mean() / w.abs().mean())
         assert rel < (0.01 if scheme == "int8" else 0.12)
@@ -142,8 +142,8 @@ def test_native_cpu_bit_exact_with_reference(quant, dtype):
         V, F = 40, 5
         w = torch.randn(V, D)
         if quant:
-            base, absmax = qt.quantize_table(w, quant, blocksize)
-            qmap = qt.quant_map(quant)
+            base, absmax = rq.quantize_table(w, quant, blocksize)
+            qmap = rq.quant_map(quant)
             if other_map:  # any map works (int8 has a computed fast path for its own map)
                 qmap = (torch.rand(qmap.numel()) * 2 - 1).sort().values
                 base = torch.randint(0, qmap.numel(), (V, D)).to(torch.uint8)
@@ -174,8 +174,8 @@ def test_c_api_bounds_checks_without_python():
     fn = _native.cpu.lib.bnbf_cpu_fusion_embedding_lookup
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [P, I64, P, I32, P, P, I64, P, I64, I64, I64, P, I32, I32]
-    base, absmax = qt.quantize_table(torch.randn(10, 8), "int8", 8)
-    qmap, fusion = qt.quant_map("int8"), torch.randn(2, 8)
+    base, absmax = rq.quantize_table(torch.randn(10, 8), "int8", 8)
+    qmap, fusion = rq.quant_map("int8"), torch.randn(2, 8)
     out = torch.full((3, 8), 7.0)
     for bad in (12, -1, 2**40):
         ids = torch.tensor([0, bad, 1])
@@ -206,18 +206,18 @@ def test_c_api_bounds_checks_without_python():
 
 
 def test_op_argument_checks():
-    base, absmax = qt.quantize_table(torch.randn(10, 8), "nf4", 8)
+    base, absmax = rq.quantize_table(torch.randn(10, 8), "nf4", 8)
     fusion = torch.randn(2, 8)
     op = torch.ops.bnbfuse.fusion_embedding_lookup
     ids = torch.tensor([1])
     with pytest.raises(ValueError, match="absmax"):
-        op(ids, base, absmax[:, :0], qt.quant_map("nf4"), fusion, 4, 8)
+        op(ids, base, absmax[:, :0], rq.quant_map("nf4"), fusion, 4, 8)
     with pytest.raises(ValueError, match="qmap"):
-        op(ids, base, absmax, qt.quant_map("int8"), fusion, 4, 8)
+        op(ids, base, absmax, rq.quant_map("int8"), fusion, 4, 8)
     with pytest.raises(ValueError, match="code columns"):
-        op(ids, base, absmax, qt.quant_map("nf4"), fusion, 8, 8)
+        op(ids, base, absmax, rq.quant_map("nf4"), fusion, 8, 8)
     with pytest.raises(TypeError, match="int64"):
-        op(ids.int(), base, absmax, qt.quant_map("nf4"), fusion, 4, 8)
+        op(ids.int(), base, absmax, rq.quant_map("nf4"), fusion, 4, 8)
 
 
 # ---- autograd -------------------------------------------------------------------------------------
@@ -296,9 +296,9 @@ def test_original_checkpoint_loads_with_strict_false(quant):
     if quant is None:
         assert torch.equal(got, w)
     else:  # a float weight is quantized on load
-        codes, absmax = qt.quantize_table(w, quant, 64)
+        codes, absmax = rq.quantize_table(w, quant, 64)
         assert torch.equal(fused.tok_embeddings.embedding.weight, codes)
-        assert torch.equal(got, qt.dequantize_table(codes, absmax, quant, 64, 8))
+        assert torch.equal(got, rq.dequantize_table(codes, absmax, quant, 64, 8))
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -484,7 +484,7 @@ def test_cuda_bad_id_asserts():
             "out = emb(torch.tensor([3, 12], device='cuda'))\n"
             "torch.cuda.synchronize()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert proc.returncode != 0
     assert "out of range" in proc.stderr or "assert" in proc.stderr.lower()
 
@@ -492,12 +492,12 @@ def test_cuda_bad_id_asserts():
 @pytest.mark.cuda
 def test_cuda_kernel_zero_row_for_bad_id_without_python_checks():
     """The CUDA C entry point never reads out of bounds: a bad id gets a zero row."""
-    base, absmax = qt.quantize_table(torch.randn(10, 8), "int8", 8)
+    base, absmax = rq.quantize_table(torch.randn(10, 8), "int8", 8)
     dev = "cuda"
     ids = torch.tensor([1, 12, -5, 11], device=dev)
     out = torch.full((4, 8), 7.0, device=dev)
     fusion = torch.randn(2, 8, device=dev)
-    base, absmax, qmap = base.to(dev), absmax.to(dev), qt.quant_map("int8", dev)
+    base, absmax, qmap = base.to(dev), absmax.to(dev), rq.quant_map("int8", dev)
     fn = _native.cuda.lib.bnbf_cuda_fusion_embedding_lookup
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [P, I64, P, I32, P, P, I64, P, I64, I64, I64, P, I32, P]

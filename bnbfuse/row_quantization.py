@@ -16,18 +16,20 @@ map (exact round-to-nearest, ties to the larger value, as everywhere in bnbfuse)
 
 Example:
     >>> import torch
-    >>> from bnbfuse import quant_tables as qt
+    >>> from bnbfuse import row_quantization as rq
     >>> w = torch.randn(10, 64)
-    >>> codes, absmax = qt.quantize_table(w, "int8")
+    >>> codes, absmax = rq.quantize_table(w, "int8")
     >>> codes.shape, absmax.shape
     (torch.Size([10, 64]), torch.Size([10, 1]))
-    >>> w2 = qt.dequantize_table(codes, absmax, "int8", 64)
+    >>> w2 = rq.dequantize_table(codes, absmax, "int8", 64)
     >>> bool(((w2 - w).abs().mean() / w.abs().mean()) < 0.01)
     True
 """
 from __future__ import annotations
 
 import torch
+
+from .ops.quantize import nearest_thresholds
 
 __all__ = ["SCHEMES", "quant_map", "quantize_table", "dequantize_table", "code_shape",
            "bits_of", "table_bytes"]
@@ -89,10 +91,7 @@ def table_bytes(rows: int, dim: int, scheme: str, blocksize: int = DEFAULT_BLOCK
 
 def _nearest(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Index into the *sorted* ``values`` nearest each float32 of ``x`` (ties to the larger)."""
-    mid = (values[:-1].double() + values[1:].double()) / 2
-    thr = mid.float()
-    # smallest float32 >= the exact midpoint, so that ``x >= thr`` is the exact comparison
-    thr = torch.where(thr.double() < mid, torch.nextafter(thr, torch.full_like(thr, float("inf"))), thr)
+    thr, _ = nearest_thresholds(values)
     return torch.searchsorted(thr, x.contiguous(), right=True)
 
 

@@ -53,7 +53,7 @@ CASES = {
               [(1, "exp_avg"), (2, "exp_avg_sq")]),
     "lion": (bo.Lion8bit, dict(lr=1e-4, weight_decay=1e-2),
              lambda ps: RefLion(ps, lr=1e-4, weight_decay=1e-2), [(1, "exp_avg")]),
-    "momentum": (bo.SGD8bit, dict(lr=1e-2, momentum=0.9, weight_decay=1e-3),
+    "sgd": (bo.SGD8bit, dict(lr=1e-2, momentum=0.9, weight_decay=1e-3),
                  lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=1e-3),
                  [(1, "momentum_buffer")]),
     "rmsprop": (bo.RMSprop8bit, dict(lr=1e-3, alpha=0.9),
@@ -72,7 +72,7 @@ CASES = {
 }
 # class X (optim_bits=32) for the same cases
 CLASS_32 = {"adam": bo.Adam32bit, "adamw": bo.AdamW32bit, "lion": bo.Lion32bit,
-            "momentum": bo.SGD32bit, "rmsprop": bo.RMSprop32bit, "adagrad": bo.Adagrad32bit,
+            "sgd": bo.SGD32bit, "rmsprop": bo.RMSprop32bit, "adagrad": bo.Adagrad32bit,
             "ademamix": bo.AdEMAMix32bit, "lamb": bo.LAMB32bit, "lars": bo.LARS32bit}
 
 

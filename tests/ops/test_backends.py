@@ -18,7 +18,7 @@ from bnbfuse import _native
 from bnbfuse.backends import reference
 from _nearest import quantize_numpy, same_bits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_cpu_lib = pytest.mark.skipif(not _native.cpu.loaded, reason="native CPU library not built")
 
