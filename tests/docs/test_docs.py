@@ -10,8 +10,11 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import os
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,7 +84,13 @@ def test_package_has_docstring_examples():
     assert sum(counts.values()) >= 10
 
 
-_FENCE = re.compile(r"<!--\s*runnable\s*-->\s*\n```python[^\n]*\n(.*?)\n```", re.S)
+# Every ```python block of README.md and docs/*.md runs. A block runs alone in a fresh
+# namespace, unless the line before its fence is ``<!-- continues -->``: then it continues the
+# previous block (same namespace, in order). A chain whose first block is preceded by
+# ``<!-- torchrun N -->`` runs as one script under torch.distributed.run with N CPU
+# processes (gloo), as a reader would launch it.
+_FENCE = re.compile(r"(?:<!--\s*(continues|torchrun \d+)\s*-->\s*\n)?```python[^\n]*\n(.*?)\n```",
+                    re.S)
 
 
 def _markdown_files() -> list[Path]:
@@ -89,24 +98,45 @@ def _markdown_files() -> list[Path]:
     return [f for f in files if f.exists()]
 
 
-def _runnable_blocks(path: Path) -> list[str]:
-    return _FENCE.findall(path.read_text(encoding="utf-8"))
+def _chains(path: Path) -> list[tuple[int, list[str]]]:
+    """The file's Python blocks grouped into chains: (processes, blocks); 0 = in-process."""
+    chains: list[tuple[int, list[str]]] = []
+    for marker, code in _FENCE.findall(path.read_text(encoding="utf-8")):
+        if marker == "continues" and chains:
+            chains[-1][1].append(code)
+        else:
+            nproc = int(marker.split()[1]) if marker.startswith("torchrun") else 0
+            chains.append((nproc, [code]))
+    return chains
 
 
-MD_WITH_CODE = [f for f in _markdown_files() if _runnable_blocks(f)]
+CHAINS = [(f, i, nproc, blocks) for f in _markdown_files()
+          for i, (nproc, blocks) in enumerate(_chains(f))]
 
 
-@pytest.mark.parametrize("path", MD_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
-def test_markdown_runnable_blocks(path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path,index,nproc,blocks", CHAINS,
+                         ids=[f"{c[0].relative_to(ROOT)}[{c[1]}]" for c in CHAINS])
+def test_markdown_code_blocks(path, index, nproc, blocks, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that save files leave nothing in the checkout
+    if nproc:
+        script = tmp_path / "doc_example.py"
+        script.write_text("\n\n".join(blocks))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc-per-node={nproc}", str(script)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return
     namespace = {"__name__": "__docs__"}
     torch.manual_seed(0)
-    for i, block in enumerate(_runnable_blocks(path)):
-        code = compile(block, f"{path.name}[block {i}]", "exec")
+    for i, block in enumerate(blocks):
+        code = compile(block, f"{path.name}[chain {index}, block {i}]", "exec")
         exec(code, namespace)
 
 
-def test_markdown_marker_is_found():
-    # The docs promise runnable examples; a broken marker regex would skip them all.
-    names = {p.name for p in MD_WITH_CODE}
-    assert {"quickstart.md", "registry.md"} <= names, names
+def test_every_python_block_is_collected():
+    # A broken fence regex would skip blocks silently: count the fences independently.
+    for path in _markdown_files():
+        fences = path.read_text(encoding="utf-8").count("```python")
+        assert fences == sum(len(b) for _, b in _chains(path)), path
