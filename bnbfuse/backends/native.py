@@ -50,20 +50,20 @@ class OptimizerArgsCache:
         self.size = size
         self.entries: dict = {}
 
-    def get(self, optimizer: str, hp: KernelHyperparams, update_scale: float = 1.0):
-        key = (optimizer, *hp, update_scale)
+    def get(self, optimizer: str, hparams: KernelHyperparams, update_scale: float = 1.0):
+        key = (optimizer, *hparams, update_scale)
         if not all(type(v) in (int, float, bool) for v in key[1:]):  # e.g. tensor lr: no key
-            return ctypes.byref(self._build(optimizer, hp, update_scale))
+            return ctypes.byref(self._build(optimizer, hparams, update_scale))
         args = self.entries.get(key)
         if args is None:
             if len(self.entries) >= self.size:
                 self.entries.clear()
-            args = self.entries[key] = self._build(optimizer, hp, update_scale)
+            args = self.entries[key] = self._build(optimizer, hparams, update_scale)
         return ctypes.byref(args)
 
     @staticmethod
-    def _build(optimizer, hp, update_scale):
-        return OptimizerArgs.from_scalars(optimizer_scalars(optimizer, hp, update_scale))
+    def _build(optimizer, hparams, update_scale):
+        return OptimizerArgs.from_scalars(optimizer_scalars(optimizer, hparams, update_scale))
 
 
 class NativeBackend:
@@ -152,13 +152,13 @@ class NativeBackend:
         return check_code(qmap1, device), None if q2 is None else check_code(q2, device)
 
     def optimizer_update_8bit_blockwise(self, optimizer, p, g, state1, state2, absmax1, absmax2,
-                                        qmap1, qmap2, *hp_and_scale):
-        *hp, update_scale = hp_and_scale
-        hp = KernelHyperparams(*hp)
+                                        qmap1, qmap2, *hparams_and_scale):
+        *hparams, update_scale = hparams_and_scale
+        hparams = KernelHyperparams(*hparams)
         check_optimizer_args(optimizer, p, g, state1, state2, True)
         n = p.numel()
         check_state_blocks(optimizer, n, absmax1, absmax2, qmap1, qmap2, p.device)
-        args = self.args_cache.get(optimizer, hp, update_scale)
+        args = self.args_cache.get(optimizer, hparams, update_scale)
         if n == 0:
             return
         q1, q2 = self._maps(optimizer, qmap1, qmap2, p.device)
@@ -170,11 +170,11 @@ class NativeBackend:
                 ptr(a1), ptr(a2), ptr(q1), ptr(q2), args, n, self.last_value(p)),
                 "optimizer_update_8bit_blockwise")
 
-    def optimizer_update_32bit(self, optimizer, p, g, state1, state2, *hp_and_scale):
-        *hp, update_scale = hp_and_scale
-        hp = KernelHyperparams(*hp)
+    def optimizer_update_32bit(self, optimizer, p, g, state1, state2, *hparams_and_scale):
+        *hparams, update_scale = hparams_and_scale
+        hparams = KernelHyperparams(*hparams)
         check_optimizer_args(optimizer, p, g, state1, state2, False)
-        args = self.args_cache.get(optimizer, hp, update_scale)
+        args = self.args_cache.get(optimizer, hparams, update_scale)
         n = p.numel()
         if n == 0:
             return
@@ -185,12 +185,12 @@ class NativeBackend:
                 args, n, self.last_value(p)), "optimizer_update_32bit")
 
     def optimizer_norms_8bit_blockwise(self, optimizer, p, g, state1, state2, absmax1, absmax2,
-                                       qmap1, qmap2, *hp):
-        hp = KernelHyperparams(*hp)
+                                       qmap1, qmap2, *hparams):
+        hparams = KernelHyperparams(*hparams)
         check_optimizer_args(optimizer, p, g, state1, state2, True)
         n = p.numel()
         check_state_blocks(optimizer, n, absmax1, absmax2, qmap1, qmap2, p.device)
-        args = self.args_cache.get(optimizer, hp)
+        args = self.args_cache.get(optimizer, hparams)
         out = torch.zeros(2, dtype=torch.float64, device=p.device)
         if n:
             q1, q2 = self._maps(optimizer, qmap1, qmap2, p.device)
@@ -203,10 +203,10 @@ class NativeBackend:
                 "optimizer_norms_8bit_blockwise")
         return out.to(torch.float32)
 
-    def optimizer_norms_32bit(self, optimizer, p, g, state1, state2, *hp):
-        hp = KernelHyperparams(*hp)
+    def optimizer_norms_32bit(self, optimizer, p, g, state1, state2, *hparams):
+        hparams = KernelHyperparams(*hparams)
         check_optimizer_args(optimizer, p, g, state1, state2, False)
-        args = self.args_cache.get(optimizer, hp)
+        args = self.args_cache.get(optimizer, hparams)
         n = p.numel()
         out = torch.zeros(2, dtype=torch.float64, device=p.device)
         if n:

@@ -279,9 +279,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                                              dtype=torch.float32, device=p_local.device)
         work = p_local if p_local.is_contiguous() else p_local.contiguous()
         g = g_local.to(dtype=p.dtype).contiguous()
-        hp = KernelHyperparams(**{k: (bool(v) if k == "nesterov" else float(v))
-                                  for k, v in self._kernel_hparams(cfg, step).items()},
-                               step=step, gnorm_scale=self._gradient_scale(p, g, state, cfg, step))
+        hparams = KernelHyperparams(
+            **{k: (bool(v) if k == "nesterov" else float(v))
+               for k, v in self._kernel_hparams(cfg, step).items()},
+            step=step, gnorm_scale=self._gradient_scale(p, g, state, cfg, step))
         eightbit = state["state1"].dtype == torch.uint8
         s1, s2 = state["state1"], state.get("state2")
         update_scale = 1.0
@@ -289,19 +290,19 @@ class Optimizer8bit(torch.optim.Optimizer):
             if eightbit:
                 norms = torch.ops.bnbfuse.optimizer_norms_8bit_blockwise(
                     self.optimizer_name, work, g, s1, s2, state["absmax1"], state.get("absmax2"),
-                    state["qmap1"], state.get("qmap2"), *hp)
+                    state["qmap1"], state.get("qmap2"), *hparams)
             else:
                 norms = torch.ops.bnbfuse.optimizer_norms_32bit(
-                    self.optimizer_name, work, g, s1, s2, *hp)
+                    self.optimizer_name, work, g, s1, s2, *hparams)
             norms = _global_sum(norms.to(torch.float64), p).sqrt().tolist()
             update_scale = float(self._update_scale(cfg, norms[0], norms[1]))
         if eightbit:
             torch.ops.bnbfuse.optimizer_update_8bit_blockwise(
                 self.optimizer_name, work, g, s1, s2, state["absmax1"], state.get("absmax2"),
-                state["qmap1"], state.get("qmap2"), *hp, update_scale)
+                state["qmap1"], state.get("qmap2"), *hparams, update_scale)
         else:
             torch.ops.bnbfuse.optimizer_update_32bit(
-                self.optimizer_name, work, g, s1, s2, *hp, update_scale)
+                self.optimizer_name, work, g, s1, s2, *hparams, update_scale)
         if work is not p_local:
             p_local.copy_(work)
 

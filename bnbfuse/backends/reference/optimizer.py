@@ -152,14 +152,14 @@ def _states_32(optimizer, p, state1, state2):
     return s1, m2, s2
 
 
-def _scalars(optimizer, hp, update_scale=1.0):
-    return optimizer_scalars(optimizer, KernelHyperparams(*hp), update_scale)
+def _scalars(optimizer, hparams, update_scale=1.0):
+    return optimizer_scalars(optimizer, KernelHyperparams(*hparams), update_scale)
 
 
-def optimizer_update_32bit(optimizer, p, g, state1, state2, *hp_and_scale):
-    *hp, update_scale = hp_and_scale
+def optimizer_update_32bit(optimizer, p, g, state1, state2, *hparams_and_scale):
+    *hparams, update_scale = hparams_and_scale
     check_optimizer_args(optimizer, p, g, state1, state2, False)
-    sc = _scalars(optimizer, hp, update_scale)
+    sc = _scalars(optimizer, hparams, update_scale)
     s1, m2, s2 = _states_32(optimizer, p, state1, state2)
     new_p, new_s1, new_m2, new_s2, _, _ = _run_rule(optimizer, _flat32(p), _flat32(g), s1, m2,
                                                     s2, sc)
@@ -178,7 +178,7 @@ def _norms(d, p32, ok):
     return torch.stack([d2, p2]).to(torch.float32)
 
 
-def optimizer_norms_32bit(optimizer, p, g, state1, state2, *hp):
+def optimizer_norms_32bit(optimizer, p, g, state1, state2, *hparams):
     """[sum(direction**2), sum(p**2)] over finite-gradient elements, accumulated in float64.
 
     direction: adam/adamw m̂/(sqrt(v̂)+eps); lamb m̂/(sqrt(v̂)+eps) + wd*p; ademamix
@@ -186,7 +186,7 @@ def optimizer_norms_32bit(optimizer, p, g, state1, state2, *hp):
     g/(sqrt(s)+eps); lion sign(c); lars g + wd*p. All from the fresh moments of this step.
     """
     check_optimizer_args(optimizer, p, g, state1, state2, False)
-    sc = _scalars(optimizer, hp)
+    sc = _scalars(optimizer, hparams)
     s1, m2, s2 = _states_32(optimizer, p, state1, state2)
     p32 = _flat32(p)
     *_, d, ok = _run_rule(optimizer, p32, _flat32(g), s1, m2, s2, sc)
@@ -207,14 +207,14 @@ def _states_8(optimizer, n, state1, state2, absmax1, absmax2, qmap1, qmap2):
 
 
 def optimizer_update_8bit_blockwise(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1,
-                                    qmap2, *hp_and_scale, keep_positive: bool = True):
+                                    qmap2, *hparams_and_scale, keep_positive: bool = True):
     """8-bit blockwise update of ``p`` and its quantized state, in place.
 
     Shapes: ``p``/``g`` any shape, n elements (fp32/fp16/bf16, same dtype); ``state1`` uint8
     codes with n elements (AdEMAMix: 2n, shape ``(2, *p.shape)``, m1 then m2); ``absmax1``
     float32 with ceil(n/256) values (AdEMAMix: ``(2, blocks)``); ``state2``/``absmax2`` the
     same for 2-state optimizers (else None); ``qmap1`` the signed dynamic map, ``qmap2`` the
-    unsigned one (256 float32 values each). ``hp_and_scale``: the
+    unsigned one (256 float32 values each). ``hparams_and_scale``: the
     :class:`~bnbfuse.ops.optimizer.KernelHyperparams` fields, then ``update_scale``.
 
     Per block of 256 elements of the flattened tensor: dequantize (code value * absmax),
@@ -238,17 +238,17 @@ def optimizer_update_8bit_blockwise(optimizer, p, g, state1, state2, absmax1, ab
         >>> p, g = torch.randn(1000), torch.randn(1000)
         >>> s1 = torch.zeros(1000, dtype=torch.uint8); s2 = torch.zeros_like(s1)
         >>> a1, a2 = torch.zeros(4), torch.zeros(4)
-        >>> hp = KernelHyperparams(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+        >>> hparams = KernelHyperparams(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
         ...                        weight_decay=1e-2, step=1)
         >>> torch.ops.bnbfuse.optimizer_update_8bit_blockwise(
         ...     "adamw", p, g, s1, s2, a1, a2, dynamic_map(True, p.device),
-        ...     dynamic_map(False, p.device), *hp, 1.0)
+        ...     dynamic_map(False, p.device), *hparams, 1.0)
     """
-    *hp, update_scale = hp_and_scale
+    *hparams, update_scale = hparams_and_scale
     check_optimizer_args(optimizer, p, g, state1, state2, True)
     n = p.numel()
     check_state_blocks(optimizer, n, absmax1, absmax2, qmap1, qmap2)
-    sc = _scalars(optimizer, hp, update_scale)
+    sc = _scalars(optimizer, hparams, update_scale)
     s1, m2, s2 = _states_8(optimizer, n, state1, state2, absmax1, absmax2, qmap1, qmap2)
     new_p, new_s1, new_m2, new_s2, _, _ = _run_rule(optimizer, _flat32(p), _flat32(g), s1, m2,
                                                     s2, sc)
@@ -267,12 +267,12 @@ def optimizer_update_8bit_blockwise(optimizer, p, g, state1, state2, absmax1, ab
 
 
 def optimizer_norms_8bit_blockwise(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1,
-                                   qmap2, *hp):
+                                   qmap2, *hparams):
     """As ``optimizer_norms_32bit``, with the state dequantized from its 8-bit blocks."""
     check_optimizer_args(optimizer, p, g, state1, state2, True)
     n = p.numel()
     check_state_blocks(optimizer, n, absmax1, absmax2, qmap1, qmap2)
-    sc = _scalars(optimizer, hp)
+    sc = _scalars(optimizer, hparams)
     s1, m2, s2 = _states_8(optimizer, n, state1, state2, absmax1, absmax2, qmap1, qmap2)
     p32 = _flat32(p)
     *_, d, ok = _run_rule(optimizer, p32, _flat32(g), s1, m2, s2, sc)
