@@ -34,6 +34,13 @@ def contiguous_in_place(*tensors):
             t.copy_(w)
 
 
+def _check_8bit(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2) -> int:
+    """The op contract of an 8-bit update or norms call; returns the element count."""
+    check_optimizer_args(optimizer, p, g, state1, state2, True)
+    check_state_blocks(optimizer, p.numel(), absmax1, absmax2, qmap1, qmap2, p.device)
+    return p.numel()
+
+
 def _contiguous_or_none(t):
     return None if t is None else t.contiguous()
 
@@ -154,11 +161,8 @@ class NativeBackend:
     def optimizer_update_8bit_blockwise(self, optimizer, p, g, state1, state2, absmax1, absmax2,
                                         qmap1, qmap2, *hparams_and_scale):
         *hparams, update_scale = hparams_and_scale
-        hparams = KernelHyperparams(*hparams)
-        check_optimizer_args(optimizer, p, g, state1, state2, True)
-        n = p.numel()
-        check_state_blocks(optimizer, n, absmax1, absmax2, qmap1, qmap2, p.device)
-        args = self.args_cache.get(optimizer, hparams, update_scale)
+        n = _check_8bit(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2)
+        args = self.args_cache.get(optimizer, KernelHyperparams(*hparams), update_scale)
         if n == 0:
             return
         q1, q2 = self._maps(optimizer, qmap1, qmap2, p.device)
@@ -186,11 +190,8 @@ class NativeBackend:
 
     def optimizer_norms_8bit_blockwise(self, optimizer, p, g, state1, state2, absmax1, absmax2,
                                        qmap1, qmap2, *hparams):
-        hparams = KernelHyperparams(*hparams)
-        check_optimizer_args(optimizer, p, g, state1, state2, True)
-        n = p.numel()
-        check_state_blocks(optimizer, n, absmax1, absmax2, qmap1, qmap2, p.device)
-        args = self.args_cache.get(optimizer, hparams)
+        n = _check_8bit(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2)
+        args = self.args_cache.get(optimizer, KernelHyperparams(*hparams))
         out = torch.zeros(2, dtype=torch.float64, device=p.device)
         if n:
             q1, q2 = self._maps(optimizer, qmap1, qmap2, p.device)
