@@ -27,7 +27,10 @@ class CMakeBuild(build_ext):
             self.build_cmake(ext)
 
     def build_cmake(self, ext):
-        build_temp = Path(self.build_temp).resolve() / "cmake"
+        # A build folder that outlives pip's temporary ones: a second `pip install -e .`
+        # (the README's main job, then its tests) recompiles only what changed.
+        flavour = "cpu" if os.environ.get("BNBFUSE_NO_CUDA") else "all"
+        build_temp = ROOT / "build" / f"cmake-{flavour}"
         build_temp.mkdir(parents=True, exist_ok=True)
         # Libraries land in bnbfuse/lib of the source tree (editable installs) and are
         # then copied next to the built package (regular installs).
@@ -41,7 +44,13 @@ class CMakeBuild(build_ext):
         if os.environ.get("BNBFUSE_NO_CUDA"):
             cfg.append("-DBNBFUSE_CUDA=OFF")
         try:
-            subprocess.check_call(cfg)
+            try:
+                subprocess.check_call(cfg)
+            except subprocess.CalledProcessError:
+                # a cache written by another CMake (pip's isolated one of an earlier
+                # install) can refuse to reconfigure: start that folder afresh
+                shutil.rmtree(build_temp, ignore_errors=True)
+                subprocess.check_call(cfg)
             jobs = str(os.cpu_count() or 2)
             subprocess.check_call([cmake, "--build", str(build_temp), "-j", jobs])
         except (OSError, subprocess.CalledProcessError) as err:
