@@ -5,7 +5,9 @@
 - :class:`FusionEmbedding` (base table plain, int8 or NF4 + trainable new tokens),
   :class:`FusionLayer`, :func:`register_fusion_module`, :func:`get_fusion_params`,
   :func:`set_trainable_params`: torchtune's fusion API; :func:`add_fusion_tokens` swaps a
-  model's token embedding for a FusionEmbedding in one call.
+  model's token embedding for a FusionEmbedding in one call; :func:`from_pretrained_fused`
+  reloads a Hugging Face checkpoint saved after it, :func:`resize_fusion_tokens` changes
+  the number of new tokens.
 - :class:`ShardedEmbedding`: fairseq2's embedding-dimension sharding over a
   ``torch.distributed`` process group.
 """
@@ -14,6 +16,7 @@ from .fusion_embedding import FusionEmbedding
 from .fusion_layer import FusionLayer
 from .fusion_utils import (add_fusion_tokens, get_fusion_params, register_fusion_module,
                            set_trainable_params)
+from .hf import from_pretrained_fused, resize_fusion_tokens
 from .lookup import fusion_embedding_lookup
 from .quantized_table import QuantizedEmbeddingTable
 from .sharded import ShardedEmbedding
@@ -23,5 +26,6 @@ __all__ = [
     "Embedding", "StableEmbedding", "StandardEmbedding", "init_scaled_embedding",
     "FusionEmbedding", "FusionLayer", "QuantizedEmbeddingTable", "add_fusion_tokens",
     "get_fusion_params", "register_fusion_module", "set_trainable_params",
-    "fusion_embedding_lookup", "ShardedEmbedding",
+    "fusion_embedding_lookup", "ShardedEmbedding", "from_pretrained_fused",
+    "resize_fusion_tokens",
 ]

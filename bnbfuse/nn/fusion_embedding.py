@@ -14,9 +14,17 @@ from .standard_embedding import padding_row
 
 __all__ = ["FusionEmbedding"]
 
-# state_dict name of each buffer of a quantized base (module name -> checkpoint name)
-_QUANT_KEYS = {"embedding.weight": "weight", "embedding.absmax": "weight_absmax",
+# state_dict name of each buffer of a quantized base (module name -> checkpoint name). The
+# codes are never called "weight": a float model (nn.Embedding, a stock Hugging Face model,
+# torchtune's FusionEmbedding) would cast them into its float table without a word.
+_QUANT_KEYS = {"embedding.weight": "weight_codes", "embedding.absmax": "weight_absmax",
                "embedding.qmap": "weight_qmap"}
+_PLAIN_KEYS = {"embedding.weight": "weight"}
+_NO_WEIGHT = ("FusionEmbedding has no single .weight: the base table is .embedding (frozen, "
+              "int8/NF4 when quantized) and the new tokens are .fusion_embedding. To add or "
+              "remove new tokens use bnbfuse.nn.resize_fusion_tokens(model, n) (not "
+              "resize_token_embeddings); a tied output head needs add_fusion_tokens(..., "
+              "untie_head=True or extend_head=True); merge() gives one plain nn.Embedding")
 
 
 def _check_size(name: str, value, minimum: int) -> None:
@@ -40,11 +48,14 @@ class FusionEmbedding(torch.nn.Module):
     with :func:`set_trainable_params` and :meth:`fusion_params`, as in torchtune). Every
     float table registered here keeps 32-bit state in bnbfuse 8-bit optimizers.
 
-    ``state_dict`` keys: ``weight`` (the base: float, or uint8 codes with ``weight_absmax``
-    float32 ``(V, ceil(D/blocksize))`` scales and ``weight_qmap`` the value map) and
-    ``fusion_embedding.weight``. The original model's ``nn.Embedding`` checkpoint therefore
-    loads with ``strict=False`` (a float ``weight`` is quantized on load), a dict with only
-    the fusion table loads too, and save/load of a quantized base is bit-exact.
+    ``state_dict`` keys: ``fusion_embedding.weight`` and the base: ``weight`` (float) for a
+    plain base; ``weight_codes`` (uint8), ``weight_absmax`` (float32 ``(V,
+    ceil(D/blocksize))`` scales) and ``weight_qmap`` (the value map) for a quantized one, so
+    that no float model loads the codes as its table. The original model's
+    ``nn.Embedding`` checkpoint (a float ``weight``) loads with ``strict=False`` and is
+    quantized on load, a dict with only the fusion table loads too, and save/load of a
+    quantized base is bit-exact. ``torch.distributed.checkpoint.state_dict`` finds the
+    tensors behind these keys (``_fqn_modifiers`` and the ``weight_*`` properties).
 
     Args:
         vocab_size (int): rows ``V`` of the base table.
@@ -74,7 +85,7 @@ class FusionEmbedding(torch.nn.Module):
         >>> emb.fusion_params()
         ['fusion_embedding.weight']
         >>> sorted(emb.state_dict())
-        ['fusion_embedding.weight', 'weight', 'weight_absmax', 'weight_qmap']
+        ['fusion_embedding.weight', 'weight_absmax', 'weight_codes', 'weight_qmap']
     """
 
     def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int, *,
@@ -207,49 +218,90 @@ class FusionEmbedding(torch.nn.Module):
 
     # ---- checkpoint keys ---------------------------------------------------------------------
     def _key_map(self) -> dict[str, str]:
-        return dict(_QUANT_KEYS) if self.quantized else {"embedding.weight": "weight"}
+        return dict(_QUANT_KEYS) if self.quantized else dict(_PLAIN_KEYS)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":  # what HF's tie_weights / resize_token_embeddings reach for
+                raise AttributeError(_NO_WEIGHT) from None
+            raise
+
+    def _quantized_buffer(self, name: str) -> Tensor:
+        if not self.quantized:
+            raise AttributeError(f"a plain FusionEmbedding has no {name} (its base is .weight "
+                                 "in the state dict, .embedding.weight here)")
+        return getattr(self.embedding, name)
+
+    # The tensors behind the checkpoint names, for torch.distributed.checkpoint.state_dict,
+    # which looks every state_dict key up as an attribute path.
+    weight_codes = property(lambda self: self._quantized_buffer("weight"))
+    weight_absmax = property(lambda self: self._quantized_buffer("absmax"))
+    weight_qmap = property(lambda self: self._quantized_buffer("qmap"))
+
+    @property
+    def _base_module(self) -> torch.nn.Module:
+        return self.embedding
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint's hook for state_dict keys that skip a child: a plain
+        # base's "weight" is found in .embedding. The alias (not the child's own name) keeps
+        # DCP from also dropping "embedding." from named_parameters, so the optimizer state
+        # keeps the parameter's FQN whether it is saved or loaded.
+        return {} if self.quantized else {"weight": "_base_module"}
 
     def _state_dict_hook(self, state_dict, prefix, local_metadata) -> None:
         for inner, outer in self._key_map().items():
             if prefix + inner in state_dict:
                 state_dict[prefix + outer] = state_dict.pop(prefix + inner)
+        from .hf import warn_if_dropped_by_peft
+        warn_if_dropped_by_peft(self, prefix)
 
     def _load_state_dict_pre_hook(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs) -> None:
         self._load_prefix = prefix
         key = prefix + "weight"
-        if key not in state_dict:
-            return
-        value = state_dict[key]
+        value = state_dict.get(key)
+        saved_quantized = (prefix + "weight_codes" in state_dict
+                           or (isinstance(value, Tensor) and not value.is_floating_point()))
         if not self.quantized:
-            if isinstance(value, Tensor) and not value.is_floating_point():
+            if saved_quantized:
                 error_msgs.append(
-                    f"{key}: the checkpoint holds a quantized base ({value.dtype}); build "
+                    f"{prefix}: the checkpoint holds a quantized base (uint8 codes); build "
                     f"FusionEmbedding with the base_quant it was saved with")
                 return
-            state_dict[prefix + "embedding.weight"] = state_dict.pop(key)
+            if key in state_dict:
+                state_dict[prefix + "embedding.weight"] = state_dict.pop(key)
             return
         if isinstance(value, Tensor) and value.is_floating_point():
-            # A float table (the original model's nn.Embedding): quantize it here.
-            if tuple(value.shape) != (self.vocab_size, self.dim):
-                error_msgs.append(f"{key}: expected a ({self.vocab_size}, {self.dim}) table, "
-                                  f"got {tuple(value.shape)}")
-                return
-            device = self.embedding.weight.device
-            if device.type == "meta":
-                device = value.device
-            codes, absmax = rq.quantize_table(value.detach().to(device), self.base_quant,
-                                              self.blocksize)
-            state_dict.pop(key)
-            state_dict[prefix + "embedding.weight"] = codes
-            state_dict[prefix + "embedding.absmax"] = absmax
-            state_dict[prefix + "embedding.qmap"] = rq.quant_map(self.base_quant, device).clone()
-            for extra in ("weight_absmax", "weight_qmap"):
-                state_dict.pop(prefix + extra, None)
+            self._quantize_float_base(state_dict, prefix, value, error_msgs)
             return
+        if value is not None and prefix + "weight_codes" not in state_dict:
+            # the layout before the codes got their own name: uint8 codes under "weight"
+            state_dict[prefix + "weight_codes"] = state_dict.pop(key)
         for inner, outer in _QUANT_KEYS.items():
             if prefix + outer in state_dict:
                 state_dict[prefix + inner] = state_dict.pop(prefix + outer)
+
+    def _quantize_float_base(self, state_dict, prefix, value, error_msgs) -> None:
+        """A float table (the original model's nn.Embedding) loaded into a quantized base."""
+        key = prefix + "weight"
+        if tuple(value.shape) != (self.vocab_size, self.dim):
+            error_msgs.append(f"{key}: expected a ({self.vocab_size}, {self.dim}) table, "
+                              f"got {tuple(value.shape)}")
+            return
+        device = self.embedding.weight.device
+        if device.type == "meta":
+            device = value.device
+        codes, absmax = rq.quantize_table(value.detach().to(device), self.base_quant,
+                                          self.blocksize)
+        state_dict.pop(key)
+        state_dict[prefix + "embedding.weight"] = codes
+        state_dict[prefix + "embedding.absmax"] = absmax
+        state_dict[prefix + "embedding.qmap"] = rq.quant_map(self.base_quant, device).clone()
+        for extra in ("weight_codes", "weight_absmax", "weight_qmap"):
+            state_dict.pop(prefix + extra, None)
 
     def _load_state_dict_post_hook(self, incompatible_keys) -> None:
         # Report missing keys under their checkpoint names ("weight", not "embedding.weight").

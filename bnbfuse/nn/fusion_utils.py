@@ -100,8 +100,8 @@ def _resolve(model: torch.nn.Module, attr: str):
 
 
 def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Optional[str] = None,
-                      base_quant: Optional[str] = None,
-                      blocksize: int = rq.DEFAULT_BLOCKSIZE) -> FusionEmbedding:
+                      base_quant: Optional[str] = None, blocksize: int = rq.DEFAULT_BLOCKSIZE,
+                      extend_head: bool = False, untie_head: bool = False) -> FusionEmbedding:
     """Swaps the token embedding of ``model`` for a :class:`FusionEmbedding`, in place.
 
     Ids ``[0, V)`` keep their pretrained rows; ids ``[V, V + num_new_tokens)`` get new
@@ -109,9 +109,16 @@ def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Opti
     ``set_input_embeddings()`` (Hugging Face transformers models) or, with ``attr``, by a
     dotted attribute path (``"tok_embeddings"``, ``"model.embed_tokens"``).
 
-    The output head is not changed: a tied head keeps the original float weight (with a
-    quantized base the head then still holds the full table), and new tokens can be fed
-    in but not predicted until the head is extended.
+    The output head (``get_output_embeddings``): by default it is left alone, so new tokens
+    can be fed in but not predicted. ``extend_head=True`` replaces it by a copy with
+    ``num_new_tokens`` more rows (started at the mean of the old rows plus 1% noise) and sets
+    ``config.vocab_size`` to its row count. A head *tied* to the embedding
+    (``tie_word_embeddings=True``) cannot share a FusionEmbedding's tables: such a model needs
+    ``untie_head=True`` (the head keeps a float copy of the old table) or ``extend_head=True``,
+    and both set ``tie_word_embeddings=False``, so ``tie_weights()`` leaves the pair alone.
+
+    A Hugging Face model's config records the embedding in ``config.bnbfuse_fusion``;
+    :func:`from_pretrained_fused` rebuilds it from a ``save_pretrained`` directory.
 
     Args:
         model: the model to modify.
@@ -119,9 +126,14 @@ def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Opti
         attr: dotted path of the embedding module; default: ``get_input_embeddings``.
         base_quant: ``None``, ``"int8"`` or ``"nf4"`` for the frozen base.
         blocksize: values per scale block of a quantized base.
+        extend_head: give the output head rows for the new tokens.
+        untie_head: allow a tied head by giving it its own copy of the table.
 
     Returns:
         The new :class:`FusionEmbedding` (already in ``model``).
+
+    Raises:
+        ValueError: the head is tied and neither ``untie_head`` nor ``extend_head`` is set.
 
     Example:
         >>> import torch
@@ -132,6 +144,8 @@ def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Opti
         >>> model.tok_embeddings is emb, emb(torch.tensor([103])).shape
         (True, torch.Size([1, 16]))
     """
+    from . import hf
+
     if attr is None:
         getter = getattr(model, "get_input_embeddings", None)
         setter = getattr(model, "set_input_embeddings", None)
@@ -143,13 +157,18 @@ def add_fusion_tokens(model: torch.nn.Module, num_new_tokens: int, *, attr: Opti
         parent, name = _resolve(model, attr)
         old = getattr(parent, name)
     if isinstance(old, FusionEmbedding):
-        raise ValueError("the token embedding is already a FusionEmbedding")
+        raise ValueError("the token embedding is already a FusionEmbedding (change its "
+                         "number of new tokens with bnbfuse.nn.resize_fusion_tokens)")
     if not isinstance(old, torch.nn.Embedding):
         raise TypeError(f"the token embedding must be an nn.Embedding, got {type(old).__name__}")
+    path = hf.module_path(model, old)
     new = FusionEmbedding.from_embedding(old, num_new_tokens, base_quant=base_quant,
                                          blocksize=blocksize)
+    hf.adapt_head(model, old, num_new_tokens, tied=hf.is_tied(model, old),
+                  untie_head=untie_head, extend_head=extend_head)
     if attr is None:
         setter(new)
     else:
         setattr(parent, name, new)
+    hf.record(model, new, path)
     return new

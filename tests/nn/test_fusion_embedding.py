@@ -270,8 +270,10 @@ def test_state_dict_keys():
     assert sorted(FusionEmbedding(10, 2, 8).state_dict()) == ["fusion_embedding.weight", "weight"]
     for q in ("int8", "nf4"):
         sd = FusionEmbedding(10, 2, 8, base_quant=q).state_dict()
-        assert sorted(sd) == ["fusion_embedding.weight", "weight", "weight_absmax", "weight_qmap"]
-        assert sd["weight"].dtype == torch.uint8 and sd["weight_absmax"].dtype == torch.float32
+        # the codes are never "weight": a float model must not take them for its table
+        assert sorted(sd) == ["fusion_embedding.weight", "weight_absmax", "weight_codes",
+                              "weight_qmap"]
+        assert sd["weight_codes"].dtype == torch.uint8 and sd["weight_absmax"].dtype == torch.float32
 
 
 class TinyLM(torch.nn.Module):
@@ -307,7 +309,7 @@ def test_partial_dict_with_only_fusion_table(quant):
     before = fused.tok_embeddings.embedding.weight.clone()
     new = torch.randn(3, 8)
     res = fused.load_state_dict({"tok_embeddings.fusion_embedding.weight": new}, strict=False)
-    assert "tok_embeddings.weight" in res.missing_keys
+    assert ("tok_embeddings.weight_codes" if quant else "tok_embeddings.weight") in res.missing_keys
     assert not any("embedding.weight" in k and "fusion" not in k for k in res.missing_keys)
     assert torch.equal(fused.tok_embeddings.fusion_embedding.weight, new)
     assert torch.equal(fused.tok_embeddings.embedding.weight, before)

@@ -106,10 +106,15 @@ def test_hf_llama_tied_head(quant, tmp_path):
     torch.manual_seed(3)
     model = hf_llama(tie=True)
     head = model.lm_head.weight
-    emb = add_fusion_tokens(model, 2, base_quant=quant)
-    assert model.lm_head.weight is head  # the head keeps its (float) table
-    if quant is None:
-        assert emb.embedding.weight is head  # a plain base stays tied to it
+    # a tied head cannot share a FusionEmbedding's tables: refused, naming the fix
+    with pytest.raises(ValueError, match="untie_head=True"):
+        add_fusion_tokens(model, 2, base_quant=quant)
+    assert model.get_input_embeddings().weight is head  # nothing changed
+    emb = add_fusion_tokens(model, 2, base_quant=quant, untie_head=True)
+    assert model.lm_head.weight is not head and torch.equal(model.lm_head.weight, head)
+    assert model.config.tie_word_embeddings is False
+    model.tie_weights()  # accelerate's FSDP2 prepare calls it
+    assert model.get_input_embeddings() is emb
     logits = model(input_ids=torch.tensor([[1, 128, 129, 5]])).logits
     assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
     model.save_pretrained(tmp_path)  # HF's own checkpoint path works with the new module
