@@ -218,6 +218,10 @@ def from_pretrained_fused(model_cls, path: str, **kwargs):
         config = model_cls.config_class.from_pretrained(path)
     marker = _marker(config)
     prefix = marker["module"] + "." if marker["module"] else ""
+    # With the head extended, config.vocab_size counts the new tokens and a plain base's
+    # saved "weight" has fewer rows than the embedding transformers builds: let it pass
+    # (that embedding is replaced) and report other mismatches below.
+    kwargs.setdefault("ignore_mismatched_sizes", True)
     with _transformers_quiet():
         model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True,
                                                 **kwargs)
@@ -232,10 +236,13 @@ def from_pretrained_fused(model_cls, path: str, **kwargs):
     emb.load_state_dict(saved, strict=True)
     setattr(parent, name, emb)
     ours = {prefix + k for k in saved} | {prefix + "weight"}
-    other = sorted((set(info["missing_keys"]) | set(info["unexpected_keys"])) - ours)
-    if other or info.get("mismatched_keys"):
-        warnings.warn(f"from_pretrained_fused: keys missing or unexpected outside the fused "
-                      f"embedding: {other} {info.get('mismatched_keys') or ''}", stacklevel=2)
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m
+                  for m in info.get("mismatched_keys") or []]
+    other = sorted((set(info["missing_keys"]) | set(info["unexpected_keys"])
+                    | set(mismatched)) - ours)
+    if other:
+        warnings.warn(f"from_pretrained_fused: keys missing, unexpected or of another shape "
+                      f"outside the fused embedding: {other}", stacklevel=2)
     return model
 
 
