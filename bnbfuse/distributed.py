@@ -14,18 +14,27 @@ converts between the two forms:
   global shape = leading dims + the parameter's global shape. For float32 (32-bit) state
   this is the usual torch.optim layout; for 8-bit codes it keeps each code where its
   element is.
-- ``absmax1``/``absmax2`` depend on how the local shard is cut into blocks, which has no
-  global meaning. They become one row per shard: a DTensor of global shape
-  ``(shards, L)`` sharded on dim 0 over the mesh dimensions the parameter is sharded on
-  (replicated over the others), each rank's row zero-padded to a common length ``L`` (an
-  upper bound computed from the global shape, so no communication).
+- ``absmax1``/``absmax2`` (one float32 per 256-element block of the *local* shard) are
+  stored where each block starts, in a tensor whose shape depends on the parameter's global
+  shape only, so checkpoints of any world size have the same keys and shapes. Call the
+  parameter's dims up to the last sharded one its *line* dims and the product ``W`` of the
+  others the line width: every local shard holds whole lines, a block starting at column
+  ``c`` of a line is stored at ``[*line, c // 256]``, and no two blocks of a shard share a
+  slot. The stored tensor has global shape ``(*shape[:line dims], ceil(W / 256))`` (zero
+  where no block starts), laid out like the parameter; an FSDP2 weight ``(R, C)`` gives
+  ``(R, ceil(C / 256))``, a sharded 1-D parameter one slot per element.
+- ``shard_layout`` records the mesh shape and placements the blocks were cut on, a plain
+  tuple, so that loading on another layout can find the old blocks.
 - ``step``, ``qmap1``/``qmap2`` and ``gnorm_vec`` are the same on every rank (percentile
   clipping uses the global gradient norm) and stay plain.
 
-A checkpoint saved this way resumes bit-identically on the same world size and mesh.
-Loading it on a different mesh is not supported for 8-bit state (the block maxima belong
-to the old shards); convert through ``optimizer.torch_state_dict()`` on the old layout, or
-resume with the same number of ranks.
+Loading on the layout the checkpoint was saved from restores every code and block maximum
+bit for bit, without communication. On another layout (a different world size, FSDP2's
+``Shard(0)`` or any ``Shard``/``Replicate`` placements) the codes arrive in the new layout
+(DCP reshards them), every rank gathers the stored block maxima of the parameter once, and
+its elements are dequantized with their old block's maximum and requantized in the new
+local blocks (the optimizers' exact-nearest rounding and no-blow-up rule): one rounding
+step of error per state value, once.
 
 The optimizer base class applies :func:`dtensor_optimizer_state_dict` in ``state_dict()``
 and :func:`local_optimizer_state_dict` at the start of ``load_state_dict()``; both return
@@ -48,6 +57,8 @@ __all__ = [
 
 PARAM_LAYOUT_KEYS = ("state1", "state2")
 PER_SHARD_KEYS = {"absmax1": "state1", "absmax2": "state2"}  # absmax -> its codes
+LAYOUT_KEY = "shard_layout"
+_SLAB_ELEMENTS = 1 << 22  # elements requantized at a time when 8-bit state is resharded
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -88,25 +99,6 @@ def _check_placements(p) -> None:
                 "optimizer state; redistribute it to Shard/Replicate first")
 
 
-def _max_local_numel(p) -> int:
-    """An upper bound, equal on every rank, of the local shard's numel of DTensor ``p``.
-
-    Shards follow ``torch.chunk``: the largest piece of a dimension of size S split over m
-    ranks is ceil(S / m); nested shards of one dimension divide again. A strided shard
-    interleaves ``split_factor`` groups, each chunked, so its largest piece is bounded by
-    ``split_factor`` times the largest chunk of one group.
-    """
-    sizes = list(p.shape)
-    mesh = p.device_mesh
-    for i, pl in enumerate(p.placements):
-        if pl.is_shard():
-            m = mesh.size(i)
-            d = pl.dim
-            sf = getattr(pl, "split_factor", 1) if isinstance(pl, _StridedShard) else 1
-            sizes[d] = sf * math.ceil(math.ceil(sizes[d] / sf) / m)
-    return math.prod(sizes)
-
-
 def _param_layout(v: torch.Tensor, p) -> "DTensor":
     local = p.to_local()
     lead = v.dim() - local.dim()
@@ -134,36 +126,155 @@ def _contiguous_strides(shape) -> list[int]:
     return list(reversed(strides))
 
 
-def _shard_slots(p) -> tuple[int, list]:
-    mesh = p.device_mesh
-    slots = 1
-    placements = []
-    for i, pl in enumerate(p.placements):
-        if pl.is_shard():
-            slots *= mesh.size(i)
-            placements.append(Shard(0))
-        else:
-            placements.append(Replicate())
-    return slots, placements
+def _placement_code(pl) -> tuple:
+    if isinstance(pl, _StridedShard):
+        return ("strided", pl.dim, pl.split_factor)
+    return ("shard", pl.dim) if pl.is_shard() else ("replicate",)
 
 
-def _rows_per_state(codes: torch.Tensor, p) -> int:
-    """How many absmax rows a state tensor has (AdEMAMix stacks 2 moments in state1)."""
-    lead = codes.dim() - p.to_local().dim()
-    return math.prod(codes.shape[:lead]) if lead > 0 else 1
+def _layout(p) -> tuple:
+    """What the cut of DTensor ``p`` into local shards, and so its blocks, depends on."""
+    return (tuple(p.device_mesh.shape), tuple(_placement_code(pl) for pl in p.placements))
 
 
-def _per_shard_layout(v: torch.Tensor, p, rows: int) -> "DTensor":
-    width = rows * math.ceil(_max_local_numel(p) / BLOCKSIZE)
-    flat = v.reshape(-1)
-    if flat.numel() > width:
-        raise ValueError(f"optimizer block maxima of {flat.numel()} elements exceed the bound "
-                         f"{width} for a parameter of global shape {tuple(p.shape)}")
-    row = flat.new_zeros((1, width))
-    row[0, :flat.numel()] = flat
-    slots, placements = _shard_slots(p)
-    return DTensor.from_local(row, p.device_mesh, placements, run_check=False,
-                              shape=torch.Size((slots, width)), stride=(width, 1))
+def _line_dims(codes: tuple) -> int:
+    """Dims up to and including the last sharded one: every shard holds whole lines."""
+    return 1 + max((c[1] for c in codes if c[0] != "replicate"), default=-1)
+
+
+def _slots(shape, k: int) -> tuple[int, int]:
+    """(line width, block-start slots per line) of a parameter of global ``shape``."""
+    width = math.prod(shape[k:])
+    return width, max(-(-width // BLOCKSIZE), 1)
+
+
+def _block_starts(blocks: int, width: int, slots: int, device) -> torch.Tensor:
+    """Where each block of a local shard starts, as ``line * slots + slot`` of the shard."""
+    start = torch.arange(blocks, dtype=torch.int64, device=device) * BLOCKSIZE
+    return (start // width) * slots + (start % width) // BLOCKSIZE
+
+
+def _stored_block_maxima(v: torch.Tensor, p) -> "DTensor":
+    local = p.to_local()
+    k = _line_dims(_layout(p)[1])
+    width, slots = _slots(p.shape, k)
+    lead = tuple(v.shape[:-1])  # AdEMAMix: one row per stacked moment
+    blocks = math.ceil(local.numel() / BLOCKSIZE)
+    if v.shape[-1] != blocks:
+        raise ValueError(f"optimizer block maxima of shape {tuple(v.shape)} do not fit the local "
+                         f"shard {tuple(local.shape)} ({blocks} blocks of {BLOCKSIZE})")
+    rows = v.reshape(-1, blocks)
+    store = rows.new_zeros(rows.shape[0], math.prod(local.shape[:k]) * slots)
+    store[:, _block_starts(blocks, width, slots, v.device)] = rows
+    shape = torch.Size(lead + tuple(p.shape[:k]) + (slots,))
+    return DTensor.from_local(store.reshape(lead + tuple(local.shape[:k]) + (slots,)),
+                              p.device_mesh, [_shift(pl, len(lead)) for pl in p.placements],
+                              run_check=False, shape=shape,
+                              stride=tuple(_contiguous_strides(shape)))
+
+
+def _own_block_maxima(store: torch.Tensor, p, lead: tuple) -> torch.Tensor:
+    """This rank's block maxima from its part of the stored tensor (same layout: exact)."""
+    local = p.to_local()
+    k = _line_dims(_layout(p)[1])
+    width, slots = _slots(p.shape, k)
+    blocks = math.ceil(local.numel() / BLOCKSIZE)
+    flat = store.reshape(math.prod(lead), -1)
+    return flat[:, _block_starts(blocks, width, slots, store.device)].reshape(
+        lead + (blocks,)).clone()
+
+
+def _chunk_walk(g: torch.Tensor, size: int, splits: list[int]):
+    """Global indices ``g`` along a dim of ``size`` chunked (``torch.chunk``, as DTensor
+    does) over each of ``splits`` in turn: index inside, and size of, each one's piece."""
+    idx, cur = g.clone(), torch.full_like(g, size)
+    for m in splits:
+        c = (cur + m - 1) // m
+        coord = idx // c
+        idx, cur = idx - coord * c, torch.minimum(c, cur - coord * c)
+    return idx, cur
+
+
+def _my_range(size: int, splits: list[tuple[int, int]]) -> tuple[int, int]:
+    off, cur = 0, size
+    for m, coord in splits:
+        c = -(-cur // m)
+        start = min(coord * c, cur)
+        off, cur = off + start, max(min(c, cur - start), 0)
+    return off, cur
+
+
+def _old_block_index(p, old: tuple, slots: int, r0: int, r1: int) -> torch.Tensor:
+    """For every element of rows ``r0:r1`` (dim 0) of this rank's shard, row-major, where the
+    old layout ``old`` stored the maximum of its block: an index into the flattened stored
+    tensor."""
+    mesh_shape, codes = old
+    new_codes = _layout(p)[1]
+    if any(c[0] == "strided" for c in codes + new_codes):
+        raise NotImplementedError("8-bit optimizer state sharded with strided placements "
+                                  "(FSDP2 over tensor parallelism) resumes only on the layout "
+                                  "it was saved from")
+    k = _line_dims(codes)
+    if k != _line_dims(new_codes):
+        raise ValueError("8-bit optimizer state was saved with its parameter sharded on other "
+                         "dims; it reshards across world sizes, not across sharded dims")
+    shape, local = tuple(p.shape), p.to_local()
+    coord = p.device_mesh.get_coordinate()
+    width = math.prod(shape[k:])
+    dev = local.device
+    index = torch.zeros([1] * (k + 1), dtype=torch.int64, device=dev)
+    f = torch.zeros([1] * (k + 1), dtype=torch.int64, device=dev)
+    sizes, offsets = [], []
+    for d in range(k):
+        mine = [(p.device_mesh.size(i), coord[i]) for i, c in enumerate(new_codes) if c == ("shard", d)]
+        off, n = _my_range(shape[d], mine)
+        if n != local.shape[d]:
+            raise NotImplementedError(f"cannot place this rank's shard of a {shape} parameter "
+                                      f"with placements {p.placements}")
+        lo, hi = (off + r0, off + r1) if d == 0 else (off, off + n)
+        g = torch.arange(lo, hi, dtype=torch.int64, device=dev)
+        li, sz = _chunk_walk(g, shape[d], [mesh_shape[i] for i, c in enumerate(codes)
+                                           if c == ("shard", d)])
+        view = [1] * (k + 1)
+        view[d] = hi - lo
+        sizes.append(sz.view(view))
+        offsets.append((g - li).view(view))
+        f = f * sizes[-1] + li.view(view)
+    f = f * width + torch.arange(width, dtype=torch.int64, device=dev).view([1] * k + [width])
+    start = f - f % BLOCKSIZE  # the element's old block starts here, in its old shard
+    line, col = start // width, start % width
+    for d in reversed(range(k)):  # unravel the old local line, then make it global
+        part = line % sizes[d]
+        line = line // sizes[d]
+        sizes[d] = offsets[d] + part
+    for d in range(k):
+        index = index * shape[d] + sizes[d]
+    return (index * slots + col // BLOCKSIZE).reshape(-1)
+
+
+def _requantized(p, store, old, codes, qmap, optimizer: str, i: int):
+    """Codes and block maxima of this rank's new shard, from the old layout's blocks."""
+    from .optim import state8bit  # the optimizer package imports this module
+
+    lead = tuple(codes.shape[:codes.dim() - p.dim()])
+    rows = math.prod(lead)
+    full = store.full_tensor().reshape(rows, -1)  # collective over the mesh
+    local = p.to_local()
+    n0 = local.shape[0]
+    flat = codes.reshape(rows, n0, -1)
+    values = torch.empty(flat.shape, dtype=torch.float32, device=codes.device)
+    # a slab of dim 0 at a time bounds the int64 index temporaries
+    step = max(1, _SLAB_ELEMENTS // max(flat.shape[2], 1))
+    for r0 in range(0, n0, step):
+        r1 = min(n0, r0 + step)
+        absmax = full[:, _old_block_index(p, old, store.shape[-1], r0, r1)]
+        values[:, r0:r1] = (qmap[flat[:, r0:r1].reshape(rows, -1).long()] * absmax).view(
+            rows, r1 - r0, -1)
+    blocks = math.ceil(local.numel() / BLOCKSIZE)
+    st = {f"state{i}": codes.clone(), f"qmap{i}": qmap,
+          f"absmax{i}": torch.zeros(lead + (blocks,), dtype=torch.float32, device=codes.device)}
+    state8bit.set_state(st, optimizer, i, values.view(codes.shape))
+    return st[f"state{i}"], st[f"absmax{i}"]
 
 
 # ---- per-parameter conversions ---------------------------------------------------------------
@@ -178,24 +289,32 @@ def state_to_dtensors(p: torch.Tensor, state: dict) -> dict:
         v = state.get(key)
         if isinstance(v, torch.Tensor) and not is_dtensor(v):
             out[key] = _param_layout(v, p)
-    for key, codes_key in PER_SHARD_KEYS.items():
+    for key in PER_SHARD_KEYS:
         v = state.get(key)
         if isinstance(v, torch.Tensor) and not is_dtensor(v):
-            codes = state.get(codes_key)
-            rows = _rows_per_state(to_local(codes), p) if isinstance(codes, torch.Tensor) else 1
-            out[key] = _per_shard_layout(v, p, rows)
+            out[key] = _stored_block_maxima(v, p)
+            out[LAYOUT_KEY] = _layout(p)
     return out
 
 
-def state_to_local(p: torch.Tensor, state: dict) -> dict:
-    """Inverse of :func:`state_to_dtensors`: DTensor state back to this rank's tensors."""
+def state_to_local(p: torch.Tensor, state: dict, optimizer: str | None = None) -> dict:
+    """Inverse of :func:`state_to_dtensors`: DTensor state back to this rank's tensors.
+
+    Saved on another layout, 8-bit state is requantized in this rank's blocks; that needs
+    ``optimizer`` (the rule name, e.g. ``"adamw"``, for the no-blow-up rounding) and every
+    rank of the parameter's mesh calling this for the same parameters in the same order.
+    """
     if not isinstance(state, dict) or not any(is_dtensor(v) for v in state.values()):
         return state
     if not is_dtensor(p):
         raise ValueError("optimizer state holds DTensors but its parameter is a plain tensor; "
                          "shard the model the same way as when the checkpoint was saved")
-    local_p = p.to_local()
     out = dict(state)
+    old = out.pop(LAYOUT_KEY, None)
+    if old is not None:  # as saved; tuples may come back as lists
+        old = (tuple(old[0]), tuple(tuple(c) for c in old[1]))
+    # with nothing sharded the blocks are the whole tensor's on any mesh
+    same = old is None or old == _layout(p) or _line_dims(_layout(p)[1]) == _line_dims(old[1]) == 0
     for key in PARAM_LAYOUT_KEYS:
         v = state.get(key)
         if is_dtensor(v):
@@ -207,28 +326,33 @@ def state_to_local(p: torch.Tensor, state: dict) -> dict:
                 raise ValueError(
                     f"optimizer {key} is a DTensor of shape {tuple(v.shape)} with placements "
                     f"{v.placements}, which does not match its parameter (shape "
-                    f"{tuple(p.shape)}, placements {p.placements}); 8-bit state resumes only "
-                    "on the mesh it was saved from")
+                    f"{tuple(p.shape)}, placements {p.placements})")
             out[key] = v.to_local()
-    blocks = math.ceil(local_p.numel() / BLOCKSIZE)
     for key, codes_key in PER_SHARD_KEYS.items():
         v = state.get(key)
-        if is_dtensor(v):
-            codes = out.get(codes_key)
-            lead = codes.dim() - local_p.dim() if isinstance(codes, torch.Tensor) else 0
-            shape = tuple(codes.shape[:lead]) + (blocks,) if lead > 0 else (blocks,)
-            row = v.to_local().reshape(-1)
-            n = math.prod(shape)
-            if row.numel() < n or v.dim() != 2 or v.shape[0] != _shard_slots(p)[0]:
-                raise ValueError(f"optimizer {key} of global shape {tuple(v.shape)} does not fit "
-                                 f"the parameter's local shard {tuple(local_p.shape)}; resume "
-                                 "on the mesh the checkpoint was saved from")
-            out[key] = row[:n].reshape(shape).clone()
+        if not is_dtensor(v):
+            continue
+        codes = out.get(codes_key)
+        k = _line_dims(_layout(p)[1])
+        lead = tuple(codes.shape[:codes.dim() - p.dim()]) if isinstance(codes, torch.Tensor) else ()
+        want = lead + tuple(p.shape[:k]) + (_slots(p.shape, k)[1],)
+        if tuple(v.shape) != want or not isinstance(codes, torch.Tensor):
+            raise ValueError(f"optimizer {key} of global shape {tuple(v.shape)} is not the "
+                             f"stored block maxima of this parameter (expected {want}); was it "
+                             "saved by an older bnbfuse, or with the parameter sharded on "
+                             "other dims?")
+        if same:
+            out[key] = _own_block_maxima(v.to_local(), p, lead)
+            continue
+        if optimizer is None:
+            raise ValueError("8-bit optimizer state saved on another mesh or world size needs "
+                             "the optimizer's rule name to be requantized")
+        i = int(key[-1])
+        out[codes_key], out[key] = _requantized(p, v, old, codes, out[f"qmap{i}"], optimizer, i)
     for key, v in state.items():
-        if is_dtensor(out[key]):  # any other DTensor state: its local part
+        if key in out and is_dtensor(out[key]):  # any other DTensor state: its local part
             out[key] = v.to_local()
     return out
-
 
 # ---- whole state dicts -----------------------------------------------------------------------
 def _params(optimizer) -> list:
@@ -269,8 +393,9 @@ def local_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dic
         return state_dict
     key_to_param = dict(zip(
         chain.from_iterable(g["params"] for g in state_dict["param_groups"]), _params(optimizer)))
+    name = getattr(optimizer, "optimizer_name", None)
     new_state = {}
     for key, st in state.items():
         p = key_to_param.get(key)
-        new_state[key] = state_to_local(p, st) if p is not None else st
+        new_state[key] = state_to_local(p, st, name) if p is not None else st
     return {**state_dict, "state": new_state}
