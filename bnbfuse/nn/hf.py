@@ -208,8 +208,9 @@ def from_pretrained_fused(model_cls, path: str, **kwargs):
         ...                   num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False)
         >>> model = LlamaForCausalLM(cfg)
         >>> emb = bnb.nn.add_fusion_tokens(model, 4, base_quant="int8", extend_head=True)
-        >>> d = tempfile.mkdtemp(); model.save_pretrained(d)
-        >>> again = bnb.nn.from_pretrained_fused(LlamaForCausalLM, d)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     model.save_pretrained(d)
+        ...     again = bnb.nn.from_pretrained_fused(LlamaForCausalLM, d)
         >>> torch.equal(again.model.embed_tokens.embedding.weight, emb.embedding.weight)
         True
     """

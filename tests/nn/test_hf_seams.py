@@ -277,3 +277,34 @@ def test_dcp_state_dict_helpers(quant, tmp_path):
         model3, opt3)[1], options=StateDictOptions(full_state_dict=True))
     for k, v in model.state_dict().items():
         assert torch.equal(v, model3.state_dict()[k]), k
+
+
+# ---- accelerate ---------------------------------------------------------------------------------
+def test_accelerate_save_state_load_state(tmp_path):
+    accelerate = pytest.importorskip("accelerate", reason="accelerate not installed")
+
+    def make():
+        model = llama(seed=8)
+        add_fusion_tokens(model, N, base_quant="int8", extend_head=True)
+        model.train()
+        opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  min_8bit_size=256)
+        acc = accelerate.Accelerator(cpu=True)
+        return acc, *acc.prepare(model, opt)
+
+    def step(acc, model, opt, s):
+        x = ids(50 + s)
+        acc.backward(model(input_ids=x, labels=x).loss)
+        opt.step()
+        opt.zero_grad()
+
+    acc, model, opt = make()
+    step(acc, model, opt, 0)
+    acc.save_state(str(tmp_path / "state"))
+    step(acc, model, opt, 1)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    acc2, model2, opt2 = make()
+    acc2.load_state(str(tmp_path / "state"))
+    step(acc2, model2, opt2, 1)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, want[k]), k
