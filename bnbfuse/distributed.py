@@ -226,7 +226,8 @@ def _old_block_index(p, old: tuple, slots: int, r0: int, r1: int) -> torch.Tenso
     f = torch.zeros([1] * (k + 1), dtype=torch.int64, device=dev)
     sizes, offsets = [], []
     for d in range(k):
-        mine = [(p.device_mesh.size(i), coord[i]) for i, c in enumerate(new_codes) if c == ("shard", d)]
+        mine = [(p.device_mesh.size(i), coord[i]) for i, c in enumerate(new_codes)
+                if c == ("shard", d)]
         off, n = _my_range(shape[d], mine)
         if n != local.shape[d]:
             raise NotImplementedError(f"cannot place this rank's shard of a {shape} parameter "
@@ -243,12 +244,12 @@ def _old_block_index(p, old: tuple, slots: int, r0: int, r1: int) -> torch.Tenso
     f = f * width + torch.arange(width, dtype=torch.int64, device=dev).view([1] * k + [width])
     start = f - f % BLOCKSIZE  # the element's old block starts here, in its old shard
     line, col = start // width, start % width
+    where = [None] * k  # the block start's global index along each line dim
     for d in reversed(range(k)):  # unravel the old local line, then make it global
-        part = line % sizes[d]
+        where[d] = offsets[d] + line % sizes[d]
         line = line // sizes[d]
-        sizes[d] = offsets[d] + part
     for d in range(k):
-        index = index * shape[d] + sizes[d]
+        index = index * shape[d] + where[d]
     return (index * slots + col // BLOCKSIZE).reshape(-1)
 
 
