@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import statistics
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,15 +21,15 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 
+# bitsandbytes 0.50 warns at import, on CPUs with AVX-512 BF16, that it cannot fetch an
+# optional 4-bit GEMM from the Hugging Face hub; the benchmarks use none of its 4-bit code.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def ensure_bnbfuse_importable() -> None:
     """Lets ``python benchmarks/x.py`` use the checkout's bnbfuse when it is not installed
     (an installed bnbfuse, e.g. ``pip install -e .``, takes precedence)."""
     import importlib.util
-    import logging
-
-    # bitsandbytes 0.50 warns at import, on CPUs with AVX-512 BF16, that it cannot fetch an
-    # optional 4-bit GEMM from the Hugging Face hub; the benchmarks use none of its 4-bit code.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if importlib.util.find_spec("bnbfuse") is None:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
