@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import resource
 import statistics
-import logging
 import sys
 import time
 from pathlib import Path
