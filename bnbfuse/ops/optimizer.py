@@ -117,8 +117,6 @@ def optimizer_scalars(optimizer: str, hp: KernelHyperparams, update_scale: float
     bc2 = 1.0 - float(hp.beta2) ** step
     if optimizer in ("adam", "adamw"):
         step_size = lr * us / bc1 if bc1 != 0 else 0.0
-    elif optimizer == "lars":
-        step_size = lr
     else:
         step_size = lr * us
     s = dict(

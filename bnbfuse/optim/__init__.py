@@ -10,7 +10,7 @@ from .adam import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
 from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
 from .adagrad import Adagrad, Adagrad8bit, Adagrad32bit
 from .lamb import LAMB, LAMB8bit, LAMB32bit
-from .lars import LARS, LARS8bit, LARS32bit
+from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
 from .lion import Lion, Lion8bit, Lion32bit
 from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
 from .sgd import SGD, SGD8bit, SGD32bit
@@ -22,7 +22,7 @@ __all__ = [
     "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit",
     "Adagrad", "Adagrad8bit", "Adagrad32bit",
     "LAMB", "LAMB8bit", "LAMB32bit",
-    "LARS", "LARS8bit", "LARS32bit",
+    "LARS", "LARS8bit", "LARS32bit", "PytorchLARS",
     "Lion", "Lion8bit", "Lion32bit",
     "RMSprop", "RMSprop8bit", "RMSprop32bit",
     "SGD", "SGD8bit", "SGD32bit",

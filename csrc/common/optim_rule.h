@@ -137,11 +137,12 @@ BNBF_HD F opt_rule(F& p, F g, F& s1, F& s1b, F& s2, const bnbf_optim_args& a) {
     p = p * a.decay - u * a.step_size;
     s1 = s1 * a.beta2 + g * a.one_minus_beta2;
     return u;
-  } else {  // LARS
+  } else {  // LARS (bitsandbytes' algorithm): a plain momentum buffer, the step clipped by
+    // the caller's update_scale = min(1, max_unorm * ||p|| / ||buf||) folded into step_size.
     const F d = g + p * a.weight_decay;
-    s1 = s1 * a.beta1 + d * a.update_scale;
+    s1 = s1 * a.beta1 + d;
     p = p - s1 * a.step_size;
-    return d;
+    return s1;
   }
 }
 

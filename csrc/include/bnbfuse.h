@@ -41,7 +41,7 @@ enum bnbf_optimizer {
   BNBF_OPT_RMSPROP = 5,   /* 1-state */
   BNBF_OPT_ADAGRAD = 6,   /* 1-state */
   BNBF_OPT_LION = 7,      /* 1-state */
-  BNBF_OPT_LARS = 8,      /* 1-state: momentum SGD scaled by the trust ratio */
+  BNBF_OPT_LARS = 8,      /* 1-state: momentum SGD, the step clipped by update_scale */
 };
 
 /* Scalars of one update, computed by the caller in double and rounded once to float32
@@ -63,10 +63,10 @@ typedef struct bnbf_optim_args {
   float decay;            /* 1 - lr*weight_decay (decoupled decay: AdamW, AdEMAMix, Lion) */
   float inv_bc1;          /* 1 / (1 - beta1^step) */
   float inv_sqrt_bc2;     /* 1 / sqrt(1 - beta2^step) */
-  float step_size;        /* Adam/AdamW: lr*update_scale/(1-beta1^step); LARS: lr;
+  float step_size;        /* Adam/AdamW: lr*update_scale/(1-beta1^step);
                              others: lr*update_scale */
   float lr;
-  float update_scale;     /* trust ratio / max_unorm factor (LARS applies it to the gradient) */
+  float update_scale;     /* trust ratio / max_unorm factor (in step_size) */
   int32_t step;           /* 1-based step count after this update */
   int32_t nesterov;       /* SGD */
 } bnbf_optim_args;

@@ -37,7 +37,7 @@ def _direction_f64(opt, p, g, s1, s2, step, lr=1e-2, b1=0.9, b2=0.999, b3=0.9999
         return g / (s.sqrt() + eps)
     if opt == "lion":
         return torch.sign(b1 * s1 + (1 - b1) * g)
-    return g + wd * p  # lars
+    return b1 * s1 + (g + wd * p)  # lars: the new momentum buffer
 
 
 @pytest.mark.parametrize("opt", tuple(RULES))

@@ -1,7 +1,8 @@
 """Plain fp32 torch references for the optimizers torch.optim does not have (tests only).
 
 Written from the papers, independently of bnbfuse's kernels: Lion, LAMB (trust ratio
-||p||/||u||, bounded by max_unorm when > 0), LARS (trust ratio eta ||p||/||g + wd p||) and
+||p||/||u||, bounded by max_unorm when > 0), LARS (bitsandbytes' form: momentum buffer, the
+step clipped to max_unorm ||p||) and
 AdEMAMix (with the alpha / beta3 schedulers).
 """
 from __future__ import annotations
@@ -62,9 +63,11 @@ class RefLAMB(torch.optim.Optimizer):
 
 
 class RefLARS(torch.optim.Optimizer):
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.02):
+    """bitsandbytes' LARS: buf = momentum buf + (g + wd p); step clipped to max_unorm ||p||."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, max_unorm=0.02):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      eta=trust_coefficient))
+                                      max_unorm=max_unorm))
 
     @torch.no_grad()
     def step(self):
@@ -75,12 +78,12 @@ class RefLARS(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st["momentum_buffer"] = torch.zeros_like(p)
-                d = p.grad + group["weight_decay"] * p
-                pn, dn = p.norm().item(), d.norm().item()
-                ratio = group["eta"] * pn / dn if pn > 0 and dn > 0 and group["eta"] > 0 else 1.0
                 buf = st["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(d, alpha=ratio)
-                p.add_(buf, alpha=-group["lr"])
+                buf.mul_(group["momentum"]).add_(p.grad + group["weight_decay"] * p)
+                limit = group["max_unorm"] * p.norm().item()
+                bn = buf.norm().item()
+                scale = limit / bn if group["max_unorm"] > 0 and bn > limit else 1.0
+                p.add_(buf, alpha=-group["lr"] * scale)
 
 
 class RefAdEMAMix(torch.optim.Optimizer):

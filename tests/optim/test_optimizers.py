@@ -430,7 +430,7 @@ def test_lamb_and_lars_use_the_trust_ratio_in_8bit():
     for cls8, ref_f in ((lambda ps: bo.LAMB8bit(ps, lr=1e-2, weight_decay=1e-2, max_unorm=0),
                          lambda ps: RefLAMB(ps, lr=1e-2, weight_decay=1e-2, max_unorm=0)),
                         (lambda ps: bo.LARS8bit(ps, lr=1e-1, momentum=0.9, max_unorm=0.5),
-                         lambda ps: RefLARS(ps, lr=1e-1, momentum=0.9, trust_coefficient=0.5))):
+                         lambda ps: RefLARS(ps, lr=1e-1, momentum=0.9, max_unorm=0.5))):
         p1 = torch.nn.Parameter(torch.randn(64, 128) * 2)
         p2 = torch.nn.Parameter(p1.detach().clone())
         ref, opt = ref_f([p1]), cls8([p2])

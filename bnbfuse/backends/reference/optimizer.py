@@ -92,8 +92,8 @@ def optimizer_rule(optimizer: str, p, g, s1, m2, s2, sc: dict):
         return p, s1, m2, s2, u
     if optimizer == "lars":
         d = g + p * wd
-        s1 = s1 * sc["beta1"] + d * sc["update_scale"]
-        return p - s1 * sc["step_size"], s1, m2, s2, d
+        s1 = s1 * sc["beta1"] + d
+        return p - s1 * sc["step_size"], s1, m2, s2, s1
     raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {tuple(RULES)}")
 
 
@@ -183,7 +183,8 @@ def optimizer_norms_32bit(optimizer, p, g, state1, state2, *hparams):
 
     direction: adam/adamw m̂/(sqrt(v̂)+eps); lamb m̂/(sqrt(v̂)+eps) + wd*p; ademamix
     (m1/bc1 + alpha*m2)/(sqrt(nu)/sqrt(bc2)+eps); sgd the step d; rmsprop/adagrad
-    g/(sqrt(s)+eps); lion sign(c); lars g + wd*p. All from the fresh moments of this step.
+    g/(sqrt(s)+eps); lion sign(c); lars the new momentum buffer. All from the fresh moments of
+    this step.
     """
     check_optimizer_args(optimizer, p, g, state1, state2, False)
     sc = _scalars(optimizer, hparams)
