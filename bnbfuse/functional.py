@@ -20,8 +20,10 @@ import torch
 
 from . import ops  # noqa: F401  (declares the ops)
 from . import backends  # noqa: F401  (registers their kernels)
+from .code_maps import create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
 
-__all__ = ["create_dynamic_map", "quantize_blockwise", "dequantize_blockwise", "QuantState",
+__all__ = ["create_dynamic_map", "create_linear_map", "create_fp8_map", "create_normal_map",
+           "get_4bit_type", "quantize_blockwise", "dequantize_blockwise", "QuantState",
            "DtypeError"]
 
 _MAP_CACHE: dict = {}
@@ -54,11 +56,17 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     """
     values: list[float] = []
     value_bits = total_bits - 1
+    # Values per sign in decade k: 2**(k + shift) (none where that is below 1), plus, when
+    # the exponent bits leave fraction bits unused, 2**(value_bits - max_exponent_bits) - 1
+    # more in the last decade.
+    shift = value_bits - max_exponent_bits + (0 if signed else 1)
+    decades = [(k, int(2 ** (k + shift) + 1) - 1) for k in range(max_exponent_bits)]
     extra = 2 ** (value_bits - max_exponent_bits) - 1
-    decades = [(k, 2 ** (k + value_bits - max_exponent_bits + (0 if signed else 1)))
-               for k in range(max_exponent_bits)]
     if extra > 0:
-        decades.append((max_exponent_bits - 1, extra))
+        if max_exponent_bits < 1:
+            raise ValueError("max_exponent_bits must be >= 1 when total_bits leaves fraction "
+                             "bits over")
+        decades.append((max_exponent_bits - 1, int(extra)))
     for k, n in decades:
         # on the CPU explicitly, whatever `with torch.device(...)` surrounds the call
         edges = torch.linspace(0.1, 1, n + 1, dtype=torch.float32, device="cpu")
@@ -72,7 +80,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     if len(values) != 2**total_bits:
         raise ValueError(f"{max_exponent_bits} exponent bits make {len(values)} values, not "
                          f"2**{total_bits}{'' if signed else ' (unsigned)'}")
-    values += [0.0] * (256 - len(values))  # as bitsandbytes: always 256 entries
+    values += [0.0] * (256 - len(values))  # as bitsandbytes: at least 256 entries
     return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")
 
 

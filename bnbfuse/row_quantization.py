@@ -31,10 +31,10 @@ import torch
 
 from .ops.quantize import nearest_thresholds
 
-__all__ = ["SCHEMES", "quant_map", "quantize_table", "dequantize_table", "code_shape",
-           "bits_of", "table_bytes"]
+__all__ = ["SCHEMES", "quant_map", "fp4_map", "quantize_table", "dequantize_table",
+           "code_shape", "bits_of", "table_bytes"]
 
-SCHEMES = ("int8", "nf4")
+SCHEMES = ("int8", "nf4", "fp4")
 DEFAULT_BLOCKSIZE = 64
 
 # NormalFloat-4 (Dettmers et al., QLoRA): quantiles of N(0, 1) scaled to [-1, 1], with an
@@ -49,8 +49,24 @@ _NF4 = [
 _MAPS: dict = {}
 
 
+def fp4_map() -> torch.Tensor:
+    """The FP4 map of bitsandbytes (16 float32 values indexed by code, scaled to [-1, 1]).
+
+    Code bits ``s e1 e0 m``: sign ``s``, exponent field ``e = e1 e0``, mantissa ``m``.
+    ``e = 0`` is subnormal, ``m * 2**-4``; otherwise ``2**(4 - e) * (1 + m / 2)``; the
+    largest magnitude (12) becomes 1. Code 8 is a second zero (+0, as in bitsandbytes).
+    """
+    values = []
+    for code in range(16):
+        sign = -1.0 if code & 8 else 1.0
+        e, m = (code >> 1) & 3, code & 1
+        magnitude = m * 2.0**-4 if e == 0 else 2.0 ** (4 - e) * (1 + m / 2)
+        values.append(sign * magnitude / 12.0 if magnitude else 0.0)
+    return torch.tensor(values, dtype=torch.float32, device="cpu")
+
+
 def bits_of(scheme: str) -> int:
-    """Bits per stored value: 8 for ``"int8"``, 4 for ``"nf4"``."""
+    """Bits per stored value: 8 for ``"int8"``, 4 for ``"nf4"`` and ``"fp4"``."""
     _check_scheme(scheme)
     return 8 if scheme == "int8" else 4
 
@@ -62,7 +78,7 @@ def _check_scheme(scheme) -> None:
 
 def quant_map(scheme: str, device=None) -> torch.Tensor:
     """The float32 value map of ``scheme``: 256 values for int8 (index = stored byte; index
-    255 repeats +1 and is never produced), 16 for NF4. Cached; do not modify."""
+    255 repeats +1 and is never produced), 16 for NF4 and FP4. Cached; do not modify."""
     _check_scheme(scheme)
     key = (scheme, str(torch.device(device) if device is not None else "cpu"))
     if key not in _MAPS:
@@ -72,8 +88,10 @@ def quant_map(scheme: str, device=None) -> torch.Tensor:
             # byte b holds k = b - 127 for b in 0..254, i.e. the value (b - 127) / 127.
             values = (torch.arange(256, dtype=torch.float32, device="cpu") - 127).clamp_(
                 max=127) / 127
-        else:
+        elif scheme == "nf4":
             values = torch.tensor(_NF4, dtype=torch.float32, device="cpu")
+        else:
+            values = fp4_map()
         _MAPS[key] = values.to(key[1])
     return _MAPS[key]
 
@@ -101,7 +119,7 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
 
     Args:
         weight: ``(rows, dim)`` float32/float16/bfloat16 tensor (any device).
-        scheme: ``"int8"`` or ``"nf4"``.
+        scheme: ``"int8"``, ``"nf4"`` or ``"fp4"``.
         blocksize: elements per block inside a row (>= 2).
         rows_per_chunk: rows processed at once (bounds the temporary memory).
 
@@ -120,6 +138,7 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
     rows, dim = weight.shape
     nblk = -(dim // -blocksize)
     values = quant_map(scheme, weight.device)
+    # stable, so that equal map values (FP4's two zeros) always resolve to the same code
     sorted_values, order = torch.sort(values[:255] if scheme == "int8" else values, stable=True)
     codes = torch.empty(code_shape(rows, dim, scheme), dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(rows, nblk, dtype=torch.float32, device=weight.device)
@@ -133,7 +152,7 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
         div = torch.where(amax == 0, torch.ones_like(amax), amax)
         idx = order[_nearest((xb / div[:, :, None]).reshape(-1), sorted_values)]
         idx = idx.view(x.shape[0], -1)[:, :dim].to(torch.uint8)
-        if scheme == "nf4":
+        if scheme != "int8":
             if dim % 2:
                 idx = torch.nn.functional.pad(idx, (0, 1))
             idx = (idx[:, 0::2] << 4) | idx[:, 1::2]
