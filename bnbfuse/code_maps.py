@@ -47,7 +47,7 @@ def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool =
 
     Example:
         >>> m = create_linear_map(signed=True, total_bits=8)
-        >>> float(m[0]), float(m[127]), float(m[254])
+        >>> float(m[0]), float(m[127]), float(m[255])  # m[127] is the padding zero
         (-1.0, 0.0, 1.0)
     """
     count = 2**total_bits

@@ -2,6 +2,7 @@
 
 Every optimizer exists as ``X`` (``optim_bits=8`` or ``32``), ``X8bit`` and ``X32bit``, with
 bitsandbytes 0.50's positional arguments and defaults; bnbfuse extras are keyword-only.
+Adam, AdamW, AdEMAMix and Lion also come as ``PagedX`` (``is_paged=True``).
 See docs/optimizers.md.
 """
 from .manager import GlobalOptimManager, keep_32bit_embeddings
@@ -14,6 +15,9 @@ from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
 from .lion import Lion, Lion8bit, Lion32bit
 from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
 from .sgd import SGD, SGD8bit, SGD32bit
+from .paged import (PagedAdam, PagedAdam8bit, PagedAdam32bit, PagedAdamW, PagedAdamW8bit,
+                    PagedAdamW32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit,
+                    PagedLion, PagedLion8bit, PagedLion32bit)
 
 __all__ = [
     "GlobalOptimManager", "keep_32bit_embeddings",
@@ -26,4 +30,7 @@ __all__ = [
     "Lion", "Lion8bit", "Lion32bit",
     "RMSprop", "RMSprop8bit", "RMSprop32bit",
     "SGD", "SGD8bit", "SGD32bit",
+    "PagedAdam", "PagedAdam8bit", "PagedAdam32bit", "PagedAdamW", "PagedAdamW8bit",
+    "PagedAdamW32bit", "PagedAdEMAMix", "PagedAdEMAMix8bit", "PagedAdEMAMix32bit",
+    "PagedLion", "PagedLion8bit", "PagedLion32bit",
 ]

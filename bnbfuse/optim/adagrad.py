@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .compat import require_bits
 from .optimizer import Optimizer1State
 
 __all__ = ["Adagrad", "Adagrad8bit", "Adagrad32bit"]
@@ -82,13 +83,12 @@ class Adagrad(Optimizer1State):
 
 
 class Adagrad8bit(Adagrad):
-    """:class:`Adagrad` with 8-bit state (``optim_bits`` accepted for compatibility: 8/32)."""
+    """:class:`Adagrad` with 8-bit state (``optim_bits`` must stay 8, as in bitsandbytes)."""
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, optim_bits=8, args=None, min_8bit_size=4096, *, max_unorm=0.0,
                  percentile_clipping=100):
-        if optim_bits not in (8, 32):
-            raise ValueError(f"Adagrad8bit: optim_bits must be left at 8, got {optim_bits}")
+        require_bits(type(self).__name__, optim_bits, (8,), 8)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 8,
                          args, min_8bit_size, max_unorm=max_unorm,
                          percentile_clipping=percentile_clipping)
@@ -100,8 +100,7 @@ class Adagrad32bit(Adagrad):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, optim_bits=32, args=None, min_8bit_size=4096, *, max_unorm=0.0,
                  percentile_clipping=100):
-        if optim_bits != 32:
-            raise ValueError(f"Adagrad32bit: optim_bits must be 32, got {optim_bits}")
+        require_bits(type(self).__name__, optim_bits, (32,), 32)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, 32,
                          args, min_8bit_size, max_unorm=max_unorm,
                          percentile_clipping=percentile_clipping)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .compat import require_bits
 from .optimizer import Optimizer2State
 
 __all__ = ["Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit"]
@@ -71,7 +72,7 @@ class Adam(_AdamBase):
         optim_bits: 8 or 32, the state precision.
         args: bitsandbytes' argument object (optional).
         min_8bit_size: parameters with fewer elements keep 32-bit state.
-        is_paged: not implemented yet (True raises NotImplementedError).
+        is_paged: paged state on CUDA (see :mod:`bnbfuse.optim.paged`); a no-op on the CPU.
         max_unorm: limit ``||update|| <= max_unorm * ||p||`` (0 = off), also for 8-bit state.
         percentile_clipping: clip gradients at this percentile of the last 100 norms
             (100 = off).
@@ -109,8 +110,7 @@ class Adam8bit(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, optim_bits=32, args=None, min_8bit_size=4096, is_paged=False,
                  *, max_unorm=0.0, percentile_clipping=100):
-        if optim_bits not in (8, 32):
-            raise ValueError(f"Adam8bit: optim_bits must be left at 32 (or 8), got {optim_bits}")
+        require_bits(type(self).__name__, optim_bits, (32, 8), 32)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 8, args, min_8bit_size,
                          is_paged, max_unorm=max_unorm, percentile_clipping=percentile_clipping)
 
@@ -121,8 +121,7 @@ class Adam32bit(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, optim_bits=32, args=None, min_8bit_size=4096, is_paged=False,
                  *, max_unorm=0.0, percentile_clipping=100):
-        if optim_bits != 32:
-            raise ValueError(f"Adam32bit: optim_bits must be 32, got {optim_bits}")
+        require_bits(type(self).__name__, optim_bits, (32,), 32)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 32, args,
                          min_8bit_size, is_paged, max_unorm=max_unorm,
                          percentile_clipping=percentile_clipping)
@@ -169,9 +168,7 @@ class AdamW8bit(AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, optim_bits=32, args=None, min_8bit_size=4096, is_paged=False,
                  *, max_unorm=0.0, percentile_clipping=100):
-        if optim_bits not in (8, 32):
-            raise ValueError(f"AdamW8bit: optim_bits must be left at 32 (or 8), got "
-                             f"{optim_bits}")
+        require_bits(type(self).__name__, optim_bits, (32, 8), 32)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 8, args, min_8bit_size,
                          is_paged, max_unorm=max_unorm, percentile_clipping=percentile_clipping)
 
@@ -182,8 +179,7 @@ class AdamW32bit(AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, optim_bits=32, args=None, min_8bit_size=4096, is_paged=False,
                  *, max_unorm=0.0, percentile_clipping=100):
-        if optim_bits != 32:
-            raise ValueError(f"AdamW32bit: optim_bits must be 32, got {optim_bits}")
+        require_bits(type(self).__name__, optim_bits, (32,), 32)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, 32, args,
                          min_8bit_size, is_paged, max_unorm=max_unorm,
                          percentile_clipping=percentile_clipping)

@@ -47,7 +47,7 @@ class AdEMAMix(Optimizer2State):
         weight_decay: decoupled weight decay.
         optim_bits: 8 or 32.
         min_8bit_size: parameters with fewer elements keep 32-bit state.
-        is_paged: not implemented yet (True raises NotImplementedError).
+        is_paged: paged state on CUDA (see :mod:`bnbfuse.optim.paged`); a no-op on the CPU.
         max_unorm, percentile_clipping: keyword-only extras, see :class:`bnbfuse.optim.Adam`.
 
     Example:

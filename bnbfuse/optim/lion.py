@@ -22,7 +22,7 @@ class Lion(Optimizer1State):
         optim_bits: 8 or 32.
         args: bitsandbytes' argument object (optional).
         min_8bit_size: parameters with fewer elements keep 32-bit state.
-        is_paged: not implemented yet (True raises NotImplementedError).
+        is_paged: paged state on CUDA (see :mod:`bnbfuse.optim.paged`); a no-op on the CPU.
         max_unorm, percentile_clipping: keyword-only extras, see :class:`bnbfuse.optim.Adam`.
 
     Example:

@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 import torch
 
+from .. import paged
 from ..distributed import dtensor_optimizer_state_dict, is_dtensor, to_local
 from ..ops.optimizer import KernelHyperparams
 from ..ops.rules import rule
-from . import checkpoint, state8bit
+from . import checkpoint, compat, state8bit
 from .manager import GlobalOptimManager
 
 __all__ = ["Optimizer8bit", "Optimizer1State", "Optimizer2State"]
@@ -64,7 +65,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         args: bitsandbytes' argument object (or a dict); its ``optim_bits``,
             ``min_8bit_size``, ``percentile_clipping``, ``max_unorm`` replace the arguments.
         min_8bit_size: parameters with fewer elements (global size) keep 32-bit state.
-        is_paged: paged optimizers are not implemented yet (raises when True).
+        is_paged: keep large states (>= 100,000 elements) of CUDA parameters in CUDA managed
+            memory, prefetched before each step (bnbfuse.paged); a no-op on the CPU.
         max_unorm: clip the update so that ``||update|| <= max_unorm * ||p||`` (0 = off).
         percentile_clipping: clip each gradient's norm at this percentile of its last 100
             norms (100 = off).
@@ -95,16 +97,20 @@ class Optimizer8bit(torch.optim.Optimizer):
             min_8bit_size = get("min_8bit_size", min_8bit_size)
             percentile_clipping = get("percentile_clipping", percentile_clipping)
             max_unorm = get("max_unorm", max_unorm)
-            is_paged = get("is_paged", is_paged)
-        if is_paged:
-            raise NotImplementedError(
-                f"{type(self).__name__}: paged optimizers (is_paged=True) are not implemented "
-                "in bnbfuse yet; use is_paged=False")
+            is_paged = is_paged or bool(get("is_paged", False))
         defaults = dict(defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
                         max_unorm=max_unorm, percentile_clipping=percentile_clipping)
         self._validate(defaults)
         super().__init__(params, defaults)
-        self.is_paged = False
+        # bitsandbytes' attributes: the argument object its code reads, the paging switch
+        # and the page manager. Paging moves state to CUDA managed memory; on the CPU it is
+        # a no-op, so a paged optimizer computes exactly what its unpaged twin computes.
+        self.args = compat.optimizer_args(args, optim_bits=optim_bits,
+                                          min_8bit_size=min_8bit_size, max_unorm=max_unorm,
+                                          percentile_clipping=percentile_clipping,
+                                          is_paged=bool(is_paged))
+        self.is_paged = bool(is_paged)
+        self.page_mng = paged.GlobalPageManager.get_instance()
         self._overrides: dict[torch.Tensor, dict[str, Any]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -120,6 +126,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_overrides", {})
         self.__dict__.setdefault("is_paged", False)
+        self.__dict__.setdefault("page_mng", paged.GlobalPageManager.get_instance())
 
     # ---- hooks for subclasses -------------------------------------------------------------
     @property
@@ -221,6 +228,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         state8bit.init_state(state, self.optimizer_name, local, eight_bit=self._uses_8bit(p, cfg),
                              init1=self._init_state1(local, cfg),
                              percentile_clipping=cfg["percentile_clipping"])
+        if self.is_paged:
+            compat.page_state(state)
 
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -285,6 +294,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             step=step, gnorm_scale=self._gradient_scale(p, g, state, cfg, step))
         eightbit = state["state1"].dtype == torch.uint8
         s1, s2 = state["state1"], state.get("state2")
+        if self.is_paged:
+            compat.prefetch_state(state)
         update_scale = 1.0
         if self._needs_norms(cfg):
             if eightbit:
@@ -346,6 +357,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         loaded.
         """
         checkpoint.load_state_dict(self, state_dict)
+        self._page_all()
 
     def _load_groups(self, groups: list) -> None:
         """torch.optim's own load of the param groups alone (checkpoint.load_state_dict)."""
@@ -379,6 +391,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         (``amsgrad=True``, ``maximize=True``, ...) raise ``ValueError``.
         """
         checkpoint.load_torch_state_dict(self, state_dict)
+        self._page_all()
+
+    def _page_all(self) -> None:
+        """Loaded state arrives in ordinary memory: a paged optimizer pages it again."""
+        if self.is_paged:
+            for state in self.state.values():
+                compat.page_state(state)
 
 
 class Optimizer2State(Optimizer8bit):

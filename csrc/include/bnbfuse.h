@@ -150,6 +150,18 @@ BNBF_API int bnbf_cuda_optimizer_norms_32bit(int optimizer, const void* p, const
                                              const bnbf_optim_args* args, int64_t n,
                                              double* out, void* stream);
 
+/* ---- paged optimizer state (CUDA managed memory) ----
+ * bnbf_cuda_paged_alloc: nbytes of managed memory (the driver may evict it to host memory
+ * under GPU memory pressure) as a DLPack DLManagedTensor* (1-D uint8, kDLCUDA, device_id
+ * `device`) in *out, for torch.from_dlpack: the consumer's deleter frees the memory. A record
+ * never handed to a consumer is freed with bnbf_cuda_paged_free.
+ * bnbf_cuda_prefetch: moves the pages of [ptr, ptr + nbytes) to GPU `device` (-1: to host
+ * memory) asynchronously on `stream`; a no-op where the device has no concurrent managed
+ * access. BNBF_E_ARG if ptr is not managed memory. */
+BNBF_API int bnbf_cuda_paged_alloc(int64_t nbytes, int32_t device, void** out);
+BNBF_API void bnbf_cuda_paged_free(void* managed);
+BNBF_API int bnbf_cuda_prefetch(const void* ptr, int64_t nbytes, int32_t device, void* stream);
+
 /* ---- FusionEmbedding lookup: fused gather + dequantize with new-token routing ----
  * For each of the n ids: id in [0, vocab_size) reads base row id, id in
  * [vocab_size, vocab_size + fusion_vocab_size) reads fusion row id - vocab_size; the row of

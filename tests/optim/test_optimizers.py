@@ -533,10 +533,6 @@ def test_a_failing_first_step_leaves_no_empty_state():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda ps: bo.Adam(ps, is_paged=True), "paged"),
-    (lambda ps: bo.AdamW8bit(ps, is_paged=True), "paged"),
-    (lambda ps: bo.Lion(ps, is_paged=True), "paged"),
-    (lambda ps: bo.AdEMAMix8bit(ps, is_paged=True), "paged"),
     (lambda ps: bo.Adam(ps, args={"skip_zeros": True}), "skip_zeros"),
     (lambda ps: bo.RMSprop(ps, momentum=0.9), "momentum"),
     (lambda ps: bo.RMSprop8bit(ps, centered=True), "centered"),
