@@ -1,6 +1,8 @@
 """Embeddings and fusion modules (bitsandbytes, fairseq2 and torchtune APIs).
 
 - :class:`Embedding`, :class:`StableEmbedding`: bitsandbytes' names; 32-bit optimizer state.
+- :class:`Embedding8bit`, :class:`Embedding4bit`, :class:`EmbeddingNF4`, :class:`EmbeddingFP4`:
+  bitsandbytes' frozen quantized tables (inference, or a frozen vocabulary).
 - :class:`StandardEmbedding`, :func:`init_scaled_embedding`: fairseq2's constructor.
 - :class:`FusionEmbedding` (base table plain, int8 or NF4 + trainable new tokens),
   :class:`FusionLayer`, :func:`register_fusion_module`, :func:`get_fusion_params`,
@@ -18,12 +20,14 @@ from .fusion_utils import (add_fusion_tokens, get_fusion_params, register_fusion
                            set_trainable_params)
 from .hf import from_pretrained_fused, resize_fusion_tokens
 from .lookup import fusion_embedding_lookup
+from .quantized_embedding import Embedding4bit, Embedding8bit, EmbeddingFP4, EmbeddingNF4
 from .quantized_table import QuantizedEmbeddingTable
 from .sharded import ShardedEmbedding
 from .standard_embedding import StandardEmbedding, init_scaled_embedding
 
 __all__ = [
     "Embedding", "StableEmbedding", "StandardEmbedding", "init_scaled_embedding",
+    "Embedding8bit", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
     "FusionEmbedding", "FusionLayer", "QuantizedEmbeddingTable", "add_fusion_tokens",
     "get_fusion_params", "register_fusion_module", "set_trainable_params",
     "fusion_embedding_lookup", "ShardedEmbedding", "from_pretrained_fused",
