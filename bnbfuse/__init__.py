@@ -2,7 +2,8 @@
 
 8-bit blockwise optimizers with fused C++/CUDA kernels (``bnbfuse.optim``), a registry that
 keeps chosen parameters in 32-bit state, and embeddings built for it (``bnbfuse.nn``).
-``import bnbfuse as bnb`` runs code written for bitsandbytes where the names exist there.
+``import bnbfuse as bnb`` runs code written for bitsandbytes where the names exist there;
+:func:`install_as_bitsandbytes` serves code that imports ``bitsandbytes`` by name.
 """
 __version__ = "0.1.0"
 
@@ -12,8 +13,16 @@ from . import backends  # noqa: F401
 from . import functional  # noqa: F401
 from . import optim  # noqa: F401
 from . import nn  # noqa: F401
+from .compat import install_as_bitsandbytes  # noqa: F401
 
 _native.warn_if_missing()
+
+
+def __getattr__(name: str):
+    # bitsandbytes' top-level names bnbfuse leaves out (matmul, ...) explain themselves
+    from .compat import missing_name
+
+    raise missing_name("", name)
 
 
 def backend_info() -> dict:

@@ -1,15 +1,24 @@
-"""``python -m bnbfuse``: version, torch, which backends load, CPU ISA, CUDA archs."""
+"""``python -m bnbfuse``: version, torch, which backends load, CPU ISA, CUDA archs;
+``--bitsandbytes-names`` prints the table of docs/bitsandbytes.md instead."""
 import argparse
 
 from . import backend_info
 
 
 def main(argv=None) -> None:
-    argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m bnbfuse",
         description="Prints the bnbfuse and torch versions, which kernel backends loaded "
                     "(native CPU, native CUDA, pure-PyTorch reference), the CPU instruction "
-                    "set in use and the CUDA architectures the library was built for.").parse_args(argv)
+                    "set in use and the CUDA architectures the library was built for.")
+    parser.add_argument("--bitsandbytes-names", action="store_true",
+                        help="print the markdown table of bitsandbytes 0.50's names and what "
+                             "bnbfuse provides for each (docs/bitsandbytes.md)")
+    if parser.parse_args(argv).bitsandbytes_names:
+        from .compat import markdown_table
+
+        print(markdown_table())
+        return
     for key, value in backend_info().items():
         print(f"{key:>20}: {value}")
 

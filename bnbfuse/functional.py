@@ -21,10 +21,11 @@ import torch
 from . import ops  # noqa: F401  (declares the ops)
 from . import backends  # noqa: F401  (registers their kernels)
 from .code_maps import create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
+from .paged import GlobalPageManager, get_paged, prefetch_tensor
 
 __all__ = ["create_dynamic_map", "create_linear_map", "create_fp8_map", "create_normal_map",
            "get_4bit_type", "quantize_blockwise", "dequantize_blockwise", "QuantState",
-           "DtypeError"]
+           "DtypeError", "GlobalPageManager", "get_paged", "prefetch_tensor"]
 
 _MAP_CACHE: dict = {}
 
@@ -341,3 +342,10 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
 from .row_quantization import dequantize_table, quantize_table  # noqa: E402,F401
 
 __all__ += ["quantize_table", "dequantize_table"]
+
+
+def __getattr__(name: str):
+    # bitsandbytes names bnbfuse leaves out explain themselves (bnbfuse/compat.py)
+    from .compat import missing_name
+
+    raise missing_name("functional", name)

@@ -33,3 +33,10 @@ __all__ = [
     "fusion_embedding_lookup", "ShardedEmbedding", "from_pretrained_fused",
     "resize_fusion_tokens",
 ]
+
+
+def __getattr__(name: str):
+    # bitsandbytes names bnbfuse leaves out explain themselves (bnbfuse/compat.py)
+    from ..compat import missing_name
+
+    raise missing_name("nn", name)

@@ -34,3 +34,10 @@ __all__ = [
     "PagedAdamW32bit", "PagedAdEMAMix", "PagedAdEMAMix8bit", "PagedAdEMAMix32bit",
     "PagedLion", "PagedLion8bit", "PagedLion32bit",
 ]
+
+
+def __getattr__(name: str):
+    # bitsandbytes names bnbfuse leaves out explain themselves (bnbfuse/compat.py)
+    from ..compat import missing_name
+
+    raise missing_name("optim", name)
