@@ -89,8 +89,21 @@ def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """Cached 8-bit dynamic map on ``device`` (do not modify the result)."""
     key = (signed, str(torch.device(device) if device is not None else "cpu"))
     if key not in _MAP_CACHE:
-        _MAP_CACHE[key] = create_dynamic_map(signed).to(key[1])
+        _MAP_CACHE[key] = _MAP_CACHE[(bool(signed), "cpu")].to(key[1])
     return _MAP_CACHE[key]
+
+
+# Built at import, so that an optimizer's first step under torch.compile finds them cached
+# (building one calls .tolist(), which Dynamo cannot trace).
+for _signed in (True, False):
+    _MAP_CACHE[(_signed, "cpu")] = create_dynamic_map(_signed)
+_ZERO_CODES = {s: _MAP_CACHE[(s, "cpu")].tolist().index(0.0) for s in (True, False)}
+
+
+def dynamic_map_zero_code(signed: bool = True) -> int:
+    """The code of 0.0 in the 8-bit dynamic map (a Python int: no device sync, and
+    ``torch.compile`` traces it as a constant)."""
+    return _ZERO_CODES[bool(signed)]
 
 
 class QuantState:

@@ -44,6 +44,9 @@ class GlobalOptimManager:
 
     @classmethod
     def get_instance(cls) -> "GlobalOptimManager":
+        inst = cls._instance
+        if inst is not None:  # no lock once created: torch.compile traces this path
+            return inst
         with cls._lock:
             if cls._instance is None:
                 inst = cls.__new__(cls)

@@ -111,6 +111,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                                           is_paged=bool(is_paged))
         self.is_paged = bool(is_paged)
         self.page_mng = paged.GlobalPageManager.get_instance()
+        # Created here, outside any compiled step (first use takes a lock Dynamo cannot trace)
+        self.mng = GlobalOptimManager.get_instance()
         self._overrides: dict[torch.Tensor, dict[str, Any]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -232,6 +234,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             compat.page_state(state)
 
     # ---- the step -------------------------------------------------------------------------
+    # Opaque to torch.compile: each parameter's update is already one fused native kernel, so
+    # a traced step has nothing to fuse, and it would recompile at every step (the step count
+    # is a Python int, bitsandbytes' state format). Measured: no faster even with its guards
+    # held (docs/optimizers.md, "torch.compile"). A compiled training step calls it as one
+    # eager call (a single graph break) instead of tracing it.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step.

@@ -75,7 +75,7 @@ def init_state(state: dict, optimizer: str, p: torch.Tensor, *, eight_bit: bool,
     if eight_bit:
         for i in range(1, states + 1):
             qmap = F.dynamic_map(i == 1, dev).clone()
-            state[f"state{i}"] = torch.full(shapes[f"state{i}"], _zero_code(qmap),
+            state[f"state{i}"] = torch.full(shapes[f"state{i}"], F.dynamic_map_zero_code(i == 1),
                                             dtype=torch.uint8, device=dev)
             state[f"absmax{i}"] = torch.zeros(shapes[f"absmax{i}"], dtype=torch.float32,
                                               device=dev)
