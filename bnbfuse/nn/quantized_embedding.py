@@ -12,8 +12,10 @@ Differences from bitsandbytes:
 
 - The table is quantized at construction and on load, not on the first ``.to(device)``: the
   module works on the CPU as built. Float weights (the ``N(0, 1)`` init) are never kept.
-- ``state_dict()`` saves the codes (``weight``, uint8), the scales (``weight_absmax``) and the
-  map (``weight_qmap``), and loading them back is exact; bitsandbytes' modules raise on save.
+- ``state_dict()`` saves the codes (``weight_codes``, uint8), the scales (``weight_absmax``)
+  and the map (``weight_qmap``), and loading them back is exact; bitsandbytes' modules raise on
+  save. There is no ``weight`` key, so a float ``nn.Embedding`` cannot take the codes for
+  weights (a strict load reports the keys). The module's ``weight`` is the codes.
 - ``Embedding8bit`` has one float32 scale per row, as bitsandbytes' (LLM.int8() row-wise
   absmax), but rounds a float32 table to nearest (bitsandbytes goes through float16 first);
   4-bit tables have a scale per 64 values of each row (bitsandbytes' blocks of 64 run across
@@ -71,6 +73,7 @@ class _QuantizedEmbedding(torch.nn.Embedding):
                                                           dtype=torch.float32, device=device))
         self.register_buffer("weight_qmap", rq.quant_map(scheme).clone().to(codes.device))
         self.register_load_state_dict_pre_hook(_QuantizedEmbedding._quantize_float_weight)
+        self.register_state_dict_post_hook(_QuantizedEmbedding._name_codes)
         if codes.device.type != "meta":
             self.reset_parameters()
 
@@ -114,8 +117,16 @@ class _QuantizedEmbedding(torch.nn.Embedding):
                                       empty, rq.bits_of(self.scheme), self.blocksize)
         return out if out_dtype == self.dtype else out.to(self.dtype)
 
+    def _name_codes(self, state_dict, prefix, local_metadata) -> None:
+        # saved as weight_codes, the name a quantized FusionEmbedding base uses too
+        if prefix + "weight" in state_dict:
+            state_dict[prefix + "weight_codes"] = state_dict.pop(prefix + "weight")
+
     def _quantize_float_weight(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                unexpected_keys, error_msgs) -> None:
+        if prefix + "weight_codes" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "weight_codes")
+            return
         # A float table (an nn.Embedding's checkpoint) is quantized on load, as bitsandbytes
         # quantizes the float weights it was loaded with.
         value = state_dict.get(prefix + "weight")

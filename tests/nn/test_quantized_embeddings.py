@@ -43,7 +43,8 @@ def test_state_dict_saves_and_reloads_exactly(cls):
     torch.save(q.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf)
-    assert sorted(sd) == ["weight", "weight_absmax", "weight_qmap"] and sd["weight"].dtype == torch.uint8
+    assert sorted(sd) == ["weight_absmax", "weight_codes", "weight_qmap"]
+    assert sd["weight_codes"].dtype == torch.uint8
     fresh = cls(40, 96, dtype=torch.bfloat16)
     fresh.load_state_dict(sd)
     ids = torch.arange(40)
@@ -80,6 +81,13 @@ def test_constructor_follows_bitsandbytes_positional_order():
         bnb.nn.EmbeddingNF4(10, 8, quant_storage=torch.float16)
     with pytest.raises(ValueError, match="embedding_dim"):
         bnb.nn.Embedding8bit(10, 0)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_float_embedding_cannot_take_the_codes(cls):
+    sd = cls(10, 64).state_dict()
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.nn.Embedding(10, 64).load_state_dict(sd)
 
 
 def test_wrong_shape_on_load_is_an_error_naming_the_key():
