@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# transformers imports DeepSpeed when it is installed; without an explicit accelerator
+# DeepSpeed logs a warning to stdout at that import, which doctests would take as output.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):
