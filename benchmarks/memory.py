@@ -26,7 +26,7 @@ losses are a parity check between configurations, not a quality measure.
 
 Usage::
 
-    python benchmarks/memory.py                     # small preset (~61M params, 32k vocab), ~3 min
+    python benchmarks/memory.py                     # small preset (~61M params, 32k vocab), 1-3 min
     python benchmarks/memory.py --preset 107m       # ~107M params, ~10 min on 2 CPU cores
     python benchmarks/memory.py --preset tiny       # seconds; what CI runs
     python benchmarks/memory.py --preset 1b --device cuda
@@ -58,7 +58,7 @@ PRESETS = {
     # CI-sized: runs in seconds per configuration.
     "tiny": dict(vocab=1000, new_tokens=32, hidden=64, intermediate=176, layers=2, heads=4,
                  kv_heads=2, seq_len=32, batch_size=2, steps=4, eval_batches=1, lr=1e-3),
-    # ~61M parameters, 32k vocabulary: the default, about 2-3 minutes for the five
+    # ~61M parameters, 32k vocabulary: the default, 1 to 3 minutes for the five
     # configurations on a 2-core CPU.
     "small": dict(vocab=32000, new_tokens=512, hidden=576, intermediate=1536, layers=6,
                   heads=9, kv_heads=9, seq_len=64, batch_size=4, steps=8, eval_batches=2,
@@ -74,7 +74,7 @@ PRESETS = {
 }
 
 # Wall time of the five default configurations on a 2-core CPU, printed before a run starts.
-EXPECTED_TIME = {"tiny": "under a minute", "small": "about 3 minutes", "107m": "about 10 minutes",
+EXPECTED_TIME = {"tiny": "under a minute", "small": "1 to 3 minutes", "107m": "about 10 minutes",
                  "1b": "minutes on a GPU (hours on a CPU)"}
 
 CONFIGS = {
