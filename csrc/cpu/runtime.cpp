@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -82,8 +83,26 @@ class ThreadPool {
   bool stop_ = false;
 };
 
+// A forked child has only the thread that called fork(): the parent's workers (and any
+// lock they held) do not exist in it, so the child drops the pool, leaking it on purpose,
+// and builds a fresh one at its next parallel kernel, as torch's own pool does.
+std::atomic<ThreadPool*> g_pool{nullptr};
+
+void forget_pool_in_child() { g_pool.store(nullptr, std::memory_order_relaxed); }
+
 ThreadPool& pool() {
-  static ThreadPool* p = new ThreadPool();  // leaked on purpose: no join at exit
+  static std::once_flag registered;
+  std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, forget_pool_in_child); });
+  ThreadPool* p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    // leaked on purpose too: no join at exit
+    auto* fresh = new ThreadPool();
+    if (g_pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) {
+      p = fresh;
+    } else {
+      delete fresh;  // another thread won; it has no workers yet
+    }
+  }
   return *p;
 }
 
