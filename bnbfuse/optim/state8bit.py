@@ -22,12 +22,12 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import functional as F
+from ..backends.reference.optimizer import quantize_state
 from ..ops.rules import OPTIMIZER_BLOCKSIZE, optimizer_blocks, rule
 
 __all__ = ["GRADIENT_NORM_HISTORY", "state1_shape", "expected_keys", "state_shapes",
@@ -56,10 +56,6 @@ def state_shapes(optimizer: str, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
     return {"state1": shape1, "state2": tuple(p.shape), "qmap1": (256,), "qmap2": (256,),
             "absmax1": shape1[:len(shape1) - p.dim()] + (blocks,), "absmax2": (blocks,),
             "gnorm_vec": (GRADIENT_NORM_HISTORY,)}
-
-
-def _zero_code(qmap: torch.Tensor) -> int:
-    return int(torch.nonzero(qmap == 0)[0, 0])
 
 
 def init_state(state: dict, optimizer: str, p: torch.Tensor, *, eight_bit: bool,
@@ -114,8 +110,9 @@ def get_state(state: dict, i: int) -> torch.Tensor:
 def set_state(state: dict, optimizer: str, i: int, value: torch.Tensor) -> None:
     """Stores float ``value`` into state{i}, quantizing when the state is 8-bit.
 
-    States the rule marks keep_positive are quantized with the kernels' no-blow-up rule: a
-    positive value whose nearest code is zero gets the smallest positive code instead.
+    Quantized as the kernels requantize (``quantize_state``): the idempotent block scale,
+    and for the states the rule marks keep_positive the no-blow-up rule (a positive value
+    whose nearest code is zero gets the smallest positive code instead).
     """
     s = state[f"state{i}"]
     value = value.to(device=s.device, dtype=torch.float32).reshape(s.shape)
@@ -127,14 +124,7 @@ def set_state(state: dict, optimizer: str, i: int, value: torch.Tensor) -> None:
     absmax, qmap = state[f"absmax{i}"], state[f"qmap{i}"]
     rows = _rows(absmax)
     keep_positive = rule(optimizer).keep_positive[i - 1]
-    zero = _zero_code(qmap)
-    smallest_positive = int(torch.where(qmap > 0, qmap, math.inf).argmin())
     for x, c, a in zip(value.reshape(rows, -1), s.view(rows, -1), absmax.view(rows, -1)):
-        codes, qs = F.quantize_blockwise(x.contiguous(), code=qmap,
-                                         blocksize=OPTIMIZER_BLOCKSIZE)
-        if keep_positive:
-            codes = torch.where((codes == zero) & (x > 0),
-                                torch.tensor(smallest_positive, dtype=torch.uint8,
-                                             device=codes.device), codes)
-        c.copy_(codes)
-        a.copy_(qs.absmax)
+        codes, scale = quantize_state(x, qmap, keep_positive)
+        c.copy_(codes.view(c.shape))
+        a.copy_(scale)

@@ -46,6 +46,8 @@ static void build(QuantMap& m, const float* code) {
       m.min_positive_code = m.sorted_to_code[i];
       break;
     }
+  m.q_pos = m.sorted[255] > 0.f ? m.sorted[255] : 1.f;
+  m.q_neg = m.sorted[0] < 0.f ? -m.sorted[0] : 1.f;
   m.one_step = true;
   for (uint32_t b = 0; b < 65536; ++b) {
     uint32_t lo_bits = b << 16, hi_bits = (b << 16) | 0xFFFFu;

@@ -25,6 +25,10 @@ struct QuantMap {
   // code is the zero code is stored as the smallest positive code instead.
   uint8_t zero_code;          // code of the value nearest 0
   uint8_t min_positive_code;  // code of the smallest value > 0 (zero_code if none)
+  // The map's extremes for the state scale (csrc/common/state_scale.h): the largest value
+  // and the magnitude of the smallest, 1 for a side without values.
+  float q_pos;
+  float q_neg;
 
   // Exact nearest index (into code) of a float; used by scalar tails and as the spec.
   inline uint8_t nearest(float x) const {

@@ -108,17 +108,63 @@ def dequantize_state(codes, absmax, qmap):
                                 OPTIMIZER_BLOCKSIZE, torch.float32)
 
 
+def _scale_for(m: torch.Tensor, q: float) -> torch.Tensor:
+    """Smallest float32 S with fl(q * S) >= m, elementwise (m >= 0; +inf and NaN kept).
+
+    A finite m whose S would overflow gets FLT_MAX (csrc/common/state_scale.h).
+    """
+    if q == 1.0:
+        return m
+    big = torch.finfo(torch.float32).max
+    qt = torch.full_like(m, q)
+    free = (m == 0) | ~(m <= big)
+    s = torch.where(free, m, (m / qt).clamp(max=big))
+    inf = torch.full_like(s, float("inf"))
+    while True:  # m / q is within an ulp or two of S
+        up = ~free & (qt * s < m) & (s < big)
+        if not bool(up.any()):
+            break
+        s = torch.where(up, torch.nextafter(s, inf), s)
+    while True:
+        lower = torch.nextafter(s, torch.zeros_like(s))
+        down = ~free & (lower != s) & (qt * lower >= m)
+        if not bool(down.any()):
+            break
+        s = torch.where(down, lower, s)
+    return s
+
+
+def state_absmax(xb: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """The scale of each block (row) of 8-bit optimizer state: idempotent requantization.
+
+    max(scale_for(largest value, q+), scale_for(largest negative magnitude, q-)), q+/q- the
+    map's largest value and smallest value's magnitude (1 for a side the map lacks), so
+    that requantizing unchanged values gives the same codes and the same absmax (plain
+    max |x| shrinks a block whose extreme is negative by 1 - |q-| per requantization with
+    the signed dynamic map). NaN if any value is NaN. Mirrors csrc/common/state_scale.h.
+    """
+    q_pos = float(qmap.max()) if float(qmap.max()) > 0 else 1.0
+    q_neg = -float(qmap.min()) if float(qmap.min()) < 0 else 1.0
+    zero = xb.new_zeros(())
+    pos = torch.where(xb.signbit(), zero, xb).amax(dim=1)
+    neg = torch.where(xb.signbit(), -xb, zero).amax(dim=1)
+    scale = torch.maximum(_scale_for(pos, q_pos), _scale_for(neg, q_neg))
+    nan = xb.isnan().any(dim=1)
+    return torch.where(nan, torch.full_like(scale, float("nan")), scale)
+
+
 def quantize_state(x: torch.Tensor, qmap: torch.Tensor, keep_positive: bool):
     """fp32 state (n,) -> (codes uint8 (n,), absmax (blocks,)), blocks of 256, exact nearest.
 
-    With ``keep_positive`` a positive value never gets the zero code (the second-moment policy).
+    The absmax is ``state_absmax`` (idempotent requantization). With ``keep_positive`` a
+    positive value never gets the zero code (the second-moment policy).
     """
     n = x.numel()
     qmap = qmap.to(device=x.device, dtype=torch.float32)
     if n == 0:
         return x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
     xb = blocks_of(x, OPTIMIZER_BLOCKSIZE)
-    absmax = xb.abs().amax(dim=1)
+    absmax = state_absmax(xb, qmap)
     codes = quantize_to_map(xb / block_divisor(absmax)[:, None], qmap)
     if keep_positive:
         zero_code = quantize_to_map(qmap.new_zeros(1), qmap)

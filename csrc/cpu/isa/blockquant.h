@@ -44,6 +44,13 @@ inline uint32_t hmax8_u32(__m256i v) {
   m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
   return (uint32_t)_mm_cvtsi128_si32(m);
 }
+
+inline int32_t hmax8_i32(__m256i v) {
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+  return _mm_cvtsi128_si32(m);
+}
 #endif
 
 // max |x|; NaN if any x is NaN (the block's codes are then unspecified but in range).

@@ -6,10 +6,11 @@
 // (contraction is off, see CMakeLists.txt), so a lane of F8 computes bit for bit what the
 // float code computes. Lanes<L> gathers what the kernel needs besides arithmetic: loads and
 // stores in the parameter dtype, the state dequantization, the finite-gradient mask and
-// the running absmax (integer bits, see abs_bits in blockquant.h).
+// the running extremes of the new states (integer bits; see SignedMax).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "blockquant.h"
 #include "optim_rule.h"
@@ -18,6 +19,18 @@
 namespace bnbf {
 namespace BNBF_ISA_NS {
 
+// A state's largest non-negative value and largest negative magnitude, as float bits: one
+// signed max (negative floats are negative integers, below every non-negative one) and one
+// unsigned max (any negative float, bits >= 0x80000000, lies above every non-negative one).
+// NaN of either sign shows as magnitude bits above 0x7F800000.
+struct SignedMax {
+  uint32_t pos_bits, neg_bits;
+};
+
+inline SignedMax signed_max_of(int32_t smax, uint32_t umax) {
+  return {(uint32_t)std::max(smax, 0), umax >= 0x80000000u ? umax & 0x7FFFFFFFu : 0u};
+}
+
 template <class L>
 struct Lanes;
 
@@ -25,7 +38,10 @@ template <>
 struct Lanes<float> {
   static constexpr int W = 1;
   using Mask = bool;
-  using AbsAcc = uint32_t;
+  struct AbsAcc {
+    int32_t smax = 0;
+    uint32_t umax = 0;
+  };
   template <int DT>
   static float load(const void* p, int64_t i) { return load1<DT>(p, i); }
   template <int DT>
@@ -35,9 +51,13 @@ struct Lanes<float> {
   }
   static Mask finite(float g) { return opt_finite(g); }
   static float select(Mask m, float a, float b) { return opt_select(m, a, b); }
-  static AbsAcc abs_init() { return 0u; }
-  static AbsAcc abs_max(AbsAcc acc, float x) { return std::max(acc, abs_bits(x)); }
-  static uint32_t abs_reduce(AbsAcc acc) { return acc; }
+  static AbsAcc abs_init() { return {}; }
+  static AbsAcc abs_max(AbsAcc acc, float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    return {std::max(acc.smax, (int32_t)b), std::max(acc.umax, b)};
+  }
+  static SignedMax abs_reduce(AbsAcc acc) { return signed_max_of(acc.smax, acc.umax); }
 };
 
 #if defined(BNBF_SIMD8)
@@ -66,7 +86,9 @@ template <>
 struct Lanes<F8> {
   static constexpr int W = 8;
   using Mask = __m256;
-  using AbsAcc = __m256i;
+  struct AbsAcc {
+    __m256i smax, umax;
+  };
   template <int DT>
   static F8 load(const void* p, int64_t i) { return {load8<DT>(p, i)}; }
   template <int DT>
@@ -79,9 +101,14 @@ struct Lanes<F8> {
     return _mm256_cmp_ps(abs, _mm256_set1_ps(3.40282347e+38f), _CMP_LE_OQ);
   }
   static F8 select(Mask m, F8 a, F8 b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
-  static AbsAcc abs_init() { return _mm256_setzero_si256(); }
-  static AbsAcc abs_max(AbsAcc acc, F8 x) { return _mm256_max_epu32(acc, abs_bits8(x.v)); }
-  static uint32_t abs_reduce(AbsAcc acc) { return hmax8_u32(acc); }
+  static AbsAcc abs_init() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static AbsAcc abs_max(AbsAcc acc, F8 x) {
+    const __m256i b = _mm256_castps_si256(x.v);
+    return {_mm256_max_epi32(acc.smax, b), _mm256_max_epu32(acc.umax, b)};
+  }
+  static SignedMax abs_reduce(AbsAcc acc) {
+    return signed_max_of(hmax8_i32(acc.smax), hmax8_u32(acc.umax));
+  }
 };
 #undef BNBF_LANE
 using VecLane = F8;

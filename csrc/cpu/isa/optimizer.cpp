@@ -7,7 +7,8 @@
 //   1. one pass over the block in lanes of 8 (csrc/cpu/isa/lanes.h; a scalar tail): load p and
 //      g, dequantize the state codes, apply the rule where the gradient is finite, store p,
 //      keep the new fp32 state in L1 buffers and track each state's absmax;
-//   2. requantize each state buffer with the block's new absmax (blockquant.h).
+//   2. requantize each state buffer with the block's new scale (state_scale.h: idempotent,
+//      so a skipped element's codes and the block's absmax stay as they were).
 // 32-bit state is read and written in place in step 1 and has no step 2. Memory is
 // therefore touched once per step: read p, g, codes, absmax; write p, codes, absmax.
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include "lanes.h"
 #include "optim_rule.h"
 #include "runtime.h"
+#include "state_scale.h"
 
 namespace bnbf {
 namespace BNBF_ISA_NS {
@@ -103,21 +105,25 @@ inline __attribute__((always_inline)) void update_lanes(
   }
 }
 
-// Step 1 over len elements: vector lanes, then the scalar tail; returns the abs bits of
-// the new states' absmax (8-bit).
+// Step 1 over len elements: vector lanes, then the scalar tail; returns the extremes of
+// the new states (8-bit).
 template <int OPT, int DT, bool Q8, bool NORMS>
 void update_block(const BlockRefs& r, int64_t len, const bnbf_optim_args& a,
-                  const QuantMap* map1, const QuantMap* map2, uint32_t out_abs[3]) {
+                  const QuantMap* map1, const QuantMap* map2, SignedMax out[3]) {
   using VL = Lanes<VecLane>;
   typename VL::AbsAcc v1 = VL::abs_init(), v1b = v1, v2 = v1;
   int64_t i = 0;
   for (; i + VL::W <= len; i += VL::W)
     update_lanes<OPT, DT, Q8, NORMS, VecLane>(r, i, a, map1, map2, v1, v1b, v2);
-  uint32_t t1 = 0, t1b = 0, t2 = 0;
+  using SL = Lanes<float>;
+  SL::AbsAcc t1 = SL::abs_init(), t1b = t1, t2 = t1;
   for (; i < len; ++i) update_lanes<OPT, DT, Q8, NORMS, float>(r, i, a, map1, map2, t1, t1b, t2);
-  out_abs[0] = std::max(VL::abs_reduce(v1), t1);
-  out_abs[1] = std::max(VL::abs_reduce(v1b), t1b);
-  out_abs[2] = std::max(VL::abs_reduce(v2), t2);
+  auto join = [](SignedMax x, SignedMax y) {
+    return SignedMax{std::max(x.pos_bits, y.pos_bits), std::max(x.neg_bits, y.neg_bits)};
+  };
+  out[0] = join(VL::abs_reduce(v1), SL::abs_reduce(t1));
+  out[1] = join(VL::abs_reduce(v1b), SL::abs_reduce(t1b));
+  out[2] = join(VL::abs_reduce(v2), SL::abs_reduce(t2));
 }
 
 template <int OPT, int DT, bool Q8, bool NORMS>
@@ -148,8 +154,8 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       if (T::has_m2) r.s1b = (float*)c.s1 + c.n + start;
       if (T::two_state) r.s2 = (float*)c.s2 + start;
     }
-    uint32_t abs[3];
-    update_block<OPT, DT, Q8, NORMS>(r, len, a, c.map1, c.map2, abs);
+    SignedMax ext[3];
+    update_block<OPT, DT, Q8, NORMS>(r, len, a, c.map1, c.map2, ext);
     if (NORMS) {
       double sd = 0.0, sp = 0.0;
       for (int64_t i = 0; i < len; ++i) {
@@ -161,16 +167,17 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       continue;
     }
     if (Q8) {
-      float m = absmax_from_bits(abs[0]);
+      const QuantMap &q1 = *c.map1, *q2 = c.map2;
+      float m = state_scale(ext[0].pos_bits, ext[0].neg_bits, q1.q_pos, q1.q_neg);
       c.absmax1[b] = m;
       quantize_scaled(*c.map1, S1, m, codes1 + start, len, T::keep_positive1);
       if (T::has_m2) {
-        m = absmax_from_bits(abs[1]);
+        m = state_scale(ext[1].pos_bits, ext[1].neg_bits, q1.q_pos, q1.q_neg);
         c.absmax1[c.nblocks + b] = m;
         quantize_scaled(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
       }
       if (T::two_state) {
-        m = absmax_from_bits(abs[2]);
+        m = state_scale(ext[2].pos_bits, ext[2].neg_bits, q2->q_pos, q2->q_neg);
         c.absmax2[b] = m;
         quantize_scaled(*c.map2, S2, m, codes2 + start, len, T::keep_positive2);
       }
