@@ -72,6 +72,14 @@ inline const char* optimizer_name(int opt) {
 // |g| <= FLT_MAX: false for NaN and +-inf; a compare the vectorisers handle.
 BNBF_HD bool opt_finite(float g) { return fabsf(g) <= 3.40282347e+38f; }
 
+// The skip policy (docs/optimizers.md): an element is updated only when its gradient is
+// finite and the update leaves every state finite (g*g can overflow in a second moment).
+template <int OPT>
+BNBF_HD bool opt_states_finite(float s1, float s1b, float s2) {
+  return opt_finite(s1) && (!OptTraits<OPT>::has_m2 || opt_finite(s1b)) &&
+         (!OptTraits<OPT>::two_state || opt_finite(s2));
+}
+
 // ok ? a : b as bit operations. A plain ternary whose false arm is the value just loaded
 // from the destination becomes a conditional store in GCC, which blocks vectorisation.
 BNBF_HD float opt_select(bool ok, float a, float b) {

@@ -146,9 +146,9 @@ k_optimizer_8bit(void* __restrict__ p, const void* __restrict__ g, uint8_t* __re
       if (T::has_m2) s1b = map1.code[c1[n + i]] * absmax1[nblocks + b];
       if (T::two_state) s2 = map2.code[c2[i]] * absmax2[b];
     }
-    const bool ok = in && opt_finite(gv);
     float np = pv, n1 = s1, n1b = s1b, n2 = s2;
     const float d = opt_rule<OPT>(np, gv * a.gnorm_scale, n1, n1b, n2, a);
+    const bool ok = in && opt_finite(gv) && opt_states_finite<OPT>(n1, n1b, n2);
     if (NORMS) {
       if (ok) {
         acc_d += (double)d * (double)d;
@@ -192,9 +192,9 @@ k_optimizer_32bit(void* __restrict__ p, const void* __restrict__ g, float* __res
     const float pv = load<DT>(p, i), gv = load<DT>(g, i);
     const float s1 = st1[i];
     const float s1b = T::has_m2 ? st1[n + i] : 0.f, s2 = T::two_state ? st2[i] : 0.f;
-    const bool ok = opt_finite(gv);
     float np = pv, n1 = s1, n1b = s1b, n2 = s2;
     const float d = opt_rule<OPT>(np, gv * a.gnorm_scale, n1, n1b, n2, a);
+    const bool ok = opt_finite(gv) && opt_states_finite<OPT>(n1, n1b, n2);
     if (NORMS) {
       if (ok) {
         acc_d += (double)d * (double)d;
@@ -202,7 +202,7 @@ k_optimizer_32bit(void* __restrict__ p, const void* __restrict__ g, float* __res
       }
       continue;
     }
-    if (!ok) continue;  // non-finite gradient: nothing is written
+    if (!ok) continue;  // skipped element: nothing is written
     store<DT>(p, i, np);
     st1[i] = n1;
     if (T::has_m2) st1[n + i] = n1b;

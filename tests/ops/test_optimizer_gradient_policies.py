@@ -175,3 +175,30 @@ def test_8bit_adamw_follows_32bit_adamw():
             assert (~torch.isclose(new, ref_state, atol=3e-3, rtol=1e-3)).sum() < 20
         errs.append((p8 - p32).abs().mean().item())
     assert max(errs) < 6e-5
+
+
+# ---- overflowing state ---------------------------------------------------------------------
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["32bit", "8bit"])
+@pytest.mark.parametrize("opt", ["rmsprop", "adagrad", "adam", "adamw", "ademamix", "lamb"])
+def test_overflowing_state_freezes_only_its_element(opt, eight_bit):
+    """g = 1e20 makes g*g overflow: that element is skipped (its parameter and state keep
+    their values); the other 255 elements of its 8-bit block keep training. Before, the
+    infinite second moment made the whole block NaN within two steps."""
+    size = 512
+    p = torch.randn(size)
+    st = make_state(opt, size, eight_bit)
+    upd = ops.optimizer_update_8bit_blockwise if eight_bit else ops.optimizer_update_32bit
+    gen = torch.Generator().manual_seed(1)
+    start = p.clone()
+    for step in range(2, 6):
+        g = torch.randn(size, generator=gen)
+        g[10] = 1e20
+        before = p.clone()
+        run_update(upd, opt, p, g, st, eight_bit, step)
+        assert p[10] == start[10]
+        neighbours = torch.arange(size) != 10
+        assert torch.isfinite(p).all()
+        assert (p[neighbours] != before[neighbours]).float().mean() > 0.9
+    for t in st:
+        if t is not None and t.is_floating_point():
+            assert torch.isfinite(t).all()

@@ -9,9 +9,11 @@ bits for every parameter dtype.
 
 Policies (docs/optimizers.md, "Numerics choices"):
 
-- Non-finite gradient element: its parameter and state values are left unchanged (8-bit:
-  the element's dequantized state values are requantized with the block's new absmax, so
-  its code can change only when the block's absmax changed). Norms ops skip it.
+- Skipped element: a non-finite gradient, or an update that would make one of the
+  element's states non-finite (g*g overflowing in a second moment), leaves its parameter
+  and state values unchanged (8-bit: the element's dequantized state values are requantized
+  with the block's new scale, ``state_absmax``, which is idempotent, so its code changes
+  only when the other elements moved the block's scale). Norms ops skip it.
 - "No blow-ups" (8-bit): the states a rule marks ``keep_positive`` (second-moment-like:
   state2 of adam/adamw/lamb/ademamix, state1 of rmsprop/adagrad) never store a positive
   value as the zero code; they get the smallest positive code instead. Storing a slightly
@@ -180,10 +182,19 @@ def _flat32(t):
 
 
 def _run_rule(optimizer, p32, g, s1, m2, s2, sc):
-    """The rule with the non-finite-gradient policy: (p, s1, m2, s2, direction, ok)."""
-    ok = _finite(g)
+    """The rule with the skip policy: (p, s1, m2, s2, direction, ok).
+
+    An element is skipped (``ok`` False: parameter and states keep their values) when its
+    gradient is not finite or when its update would make a state non-finite (g*g
+    overflowing in a second moment).
+    """
+    finite_g = _finite(g)
     g = g * sc["gnorm_scale"]
     new_p, new_s1, new_m2, new_s2, d = optimizer_rule(optimizer, p32, g, s1, m2, s2, sc)
+    ok = finite_g & _finite(new_s1)
+    for new in (new_m2, new_s2):
+        if new is not None:
+            ok = ok & _finite(new)
     keep = lambda new, old: None if new is None else torch.where(ok, new, old)  # noqa: E731
     return keep(new_p, p32), keep(new_s1, s1), keep(new_m2, m2), keep(new_s2, s2), d, ok
 

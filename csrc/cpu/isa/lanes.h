@@ -50,6 +50,7 @@ struct Lanes<float> {
     return code[*c] * absmax;
   }
   static Mask finite(float g) { return opt_finite(g); }
+  static Mask both(Mask a, Mask b) { return a && b; }
   static float select(Mask m, float a, float b) { return opt_select(m, a, b); }
   static AbsAcc abs_init() { return {}; }
   static AbsAcc abs_max(AbsAcc acc, float x) {
@@ -100,6 +101,7 @@ struct Lanes<F8> {
     const __m256 abs = _mm256_and_ps(g.v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
     return _mm256_cmp_ps(abs, _mm256_set1_ps(3.40282347e+38f), _CMP_LE_OQ);
   }
+  static Mask both(Mask a, Mask b) { return _mm256_and_ps(a, b); }
   static F8 select(Mask m, F8 a, F8 b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
   static AbsAcc abs_init() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
   static AbsAcc abs_max(AbsAcc acc, F8 x) {

@@ -80,9 +80,13 @@ inline __attribute__((always_inline)) void update_lanes(
     if (T::has_m2) s1b = V::template load<BNBF_F32>(r.s1b, i);
     if (T::two_state) s2 = V::template load<BNBF_F32>(r.s2, i);
   }
-  const typename V::Mask ok = V::finite(g);
   L np = p, n1 = s1, n1b = s1b, n2 = s2;
   const L d = opt_rule<OPT>(np, g * a.gnorm_scale, n1, n1b, n2, a);
+  // Skipped: a non-finite gradient, or a step that would make a state non-finite (g*g
+  // overflowing in a second moment); one infinite value would turn its 8-bit block NaN.
+  typename V::Mask ok = V::both(V::finite(g), V::finite(n1));
+  if (T::has_m2) ok = V::both(ok, V::finite(n1b));
+  if (T::two_state) ok = V::both(ok, V::finite(n2));
   if (NORMS) {
     const L zero{};
     V::template store<BNBF_F32>(r.d, i, V::select(ok, d, zero));
