@@ -1,5 +1,5 @@
 // Declarations of the per-ISA CPU kernels. Each is defined once in csrc/cpu/isa/*.cpp and
-// compiled into bnbf::generic, bnbf::avx2 and bnbf::avx512; csrc/cpu/api_*.cpp pick
+// compiled into bnbf::generic, bnbf::avx2, bnbf::avx512 and bnbf::avx512vbmi; csrc/cpu/api_*.cpp pick
 // one at run time. Arguments are validated by the API layer before these are called.
 #pragma once
 #include <cstdint>
@@ -44,14 +44,16 @@ namespace bnbf {
 namespace generic { BNBF_CPU_KERNELS }
 namespace avx2 { BNBF_CPU_KERNELS }
 namespace avx512 { BNBF_CPU_KERNELS }
+namespace avx512vbmi { BNBF_CPU_KERNELS }
 }  // namespace bnbf
 
 // Calls the active ISA's version of a kernel: BNBF_CPU_CALL(quantize_blockwise, args...).
-#if defined(BNBF_HAVE_avx2) && defined(BNBF_HAVE_avx512)
-#define BNBF_CPU_CALL(fn, ...)                                        \
-  (::bnbf::active_isa() == ::bnbf::Isa::avx512 ? ::bnbf::avx512::fn(__VA_ARGS__) \
-   : ::bnbf::active_isa() == ::bnbf::Isa::avx2 ? ::bnbf::avx2::fn(__VA_ARGS__)   \
-                                               : ::bnbf::generic::fn(__VA_ARGS__))
+#if defined(BNBF_HAVE_avx2) && defined(BNBF_HAVE_avx512) && defined(BNBF_HAVE_avx512vbmi)
+#define BNBF_CPU_CALL(fn, ...)                                                         \
+  (::bnbf::active_isa() == ::bnbf::Isa::avx512vbmi ? ::bnbf::avx512vbmi::fn(__VA_ARGS__) \
+   : ::bnbf::active_isa() == ::bnbf::Isa::avx512   ? ::bnbf::avx512::fn(__VA_ARGS__)     \
+   : ::bnbf::active_isa() == ::bnbf::Isa::avx2     ? ::bnbf::avx2::fn(__VA_ARGS__)       \
+                                                   : ::bnbf::generic::fn(__VA_ARGS__))
 #else
 #define BNBF_CPU_CALL(fn, ...) ::bnbf::generic::fn(__VA_ARGS__)
 #endif

@@ -21,6 +21,86 @@ static int count_leq(const float* thr, float x) {  // #{k < 255 : thr[k] <= x}
   return int(std::upper_bound(thr, thr + 255, x) - thr);
 }
 
+// See RunTables (qmap.h). Leaves runs.usable false when the map does not fit the model.
+static void build_runs(QuantMap& m) {
+  RunTables& t = m.runs;
+  t.usable = false;
+  if (!m.identity) return;
+  for (int k = 0; k < 255; ++k)
+    if (!std::isfinite(m.thr[k])) return;
+  const int z = count_leq(m.thr, 0.f);
+  const int np = 255 - z;
+  if (np < 1 || z > np) return;
+  std::vector<double> P(np);
+  for (int j = 0; j < np; ++j) P[j] = m.thr[z + j];
+  // Negative magnitudes: within 2 ulps of the positive ones (and no fewer of them matter).
+  for (int j = 0; j < z; ++j) {
+    const double n = -(double)m.thr[z - 1 - j];
+    if (std::fabs(n - P[j]) > 2.5 * std::ldexp(P[j], -23)) return;
+  }
+  if (P[0] < std::ldexp(1.0, -30)) return;  // m < 2^-31 must count nothing
+  const double kMargin = std::ldexp(1.0, -11);  // RunTables: the flag distance
+  const double kLower = std::ldexp(1.0, -21);   // run starts lowered by this, relatively
+  int nruns = 0;
+  int jr = 0;
+  std::vector<int> starts;
+  while (jr < np) {
+    if (nruns == 32) return;
+    // Longest run from jr whose linear model is accurate to a sixteenth of the margin.
+    int len = 1;
+    const double A = P[jr];
+    double H = jr + 1 < np ? P[jr + 1] - P[jr] : P[jr];
+    for (int L = 2; jr + L <= np; ++L) {
+      const double h = (P[jr + L - 1] - P[jr]) / (L - 1);
+      bool ok = true;
+      for (int k = 0; k < L && ok; ++k)
+        ok = std::fabs((P[jr + k] - A) / h - k) <= kMargin / 16;
+      if (!ok) break;
+      len = L;
+      H = h;
+    }
+    // What else moves u = m * C - D off the exact count, for the m this run serves (below
+    // the next run's start, or about 1): the reciprocal multiply (|y' - y| <= 2^-22 m) and
+    // the negative thresholds' distance from the positive ones (2.5 ulps), together below
+    // 2^-20 m; C, D and the fused multiply-subtract rounded to float (2^-24 relative each,
+    // counted as 2^-23); and the lowered run start (kLower m / H below an integer).
+    const double top = (jr + len < np ? P[jr + len] : 1.0) / H;
+    const double d_abs = A / H + jr + 1, u_abs = top + jr + 2;
+    const double err = kMargin / 16 + top * std::ldexp(1.0, -20) +
+                       (top + d_abs + u_abs) * std::ldexp(1.0, -23) + A / H * kLower;
+    if (err > 0.75 * kMargin) return;
+    t.C[nruns] = (float)(1.0 / H);
+    t.D[nruns] = (float)(A / H - 1.0 - jr);
+    t.j_lo[nruns] = jr;
+    t.j_hi[nruns] = jr + len;
+    starts.push_back(jr);
+    ++nruns;
+    jr += len;
+  }
+  for (int r = nruns; r < 32; ++r) {
+    t.C[r] = 0.f;
+    t.D[r] = 0.f;
+    t.j_lo[r] = t.j_hi[r] = 0;
+  }
+  for (int o = 0; o < 32; ++o) {
+    const double lo = std::ldexp(1.0, o - 31), hi = 2 * lo;  // exponent field 96 + o
+    int r = 0;
+    while (r + 1 < nruns && P[starts[r + 1]] * (1 - kLower) <= lo) ++r;
+    t.run_lo[o] = r;
+    t.bound1[o] = t.bound2[o] = std::numeric_limits<float>::infinity();
+    int inside = 0;
+    for (int q = r + 1; q < nruns; ++q) {
+      const double b = P[starts[q]] * (1 - kLower);
+      if (b >= hi) break;
+      if (q != r + 1 + inside) return;
+      (inside == 0 ? t.bound1 : t.bound2)[o] = (float)b;
+      if (++inside > 2) return;
+    }
+  }
+  t.zero_index = z;
+  t.usable = true;
+}
+
 static void build(QuantMap& m, const float* code) {
   std::memcpy(m.code, code, sizeof(m.code));
   int order[256];
@@ -48,6 +128,12 @@ static void build(QuantMap& m, const float* code) {
     }
   m.q_pos = m.sorted[255] > 0.f ? m.sorted[255] : 1.f;
   m.q_neg = m.sorted[0] < 0.f ? -m.sorted[0] : 1.f;
+  for (int k = 0; k < 256; ++k) {
+    uint32_t b;
+    std::memcpy(&b, &code[k], 4);
+    for (int i = 0; i < 4; ++i) m.planes[i][k] = (uint8_t)(b >> (8 * i));
+  }
+  build_runs(m);
   m.one_step = true;
   for (uint32_t b = 0; b < 65536; ++b) {
     uint32_t lo_bits = b << 16, hi_bits = (b << 16) | 0xFFFFu;

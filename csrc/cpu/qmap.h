@@ -13,6 +13,29 @@
 
 namespace bnbf {
 
+// Arithmetic exact nearest (the AVX-512 VBMI kernels, csrc/cpu/isa/vbmi.h), for maps whose
+// codes are ascending. With z = the index nearest 0 and P_j = thr[z + j] the positive
+// thresholds, the index of y >= 0 is z + #{j : P_j <= y}, and of y < 0 it is
+// z - #{negative thresholds whose magnitude is below |y|}; the negative magnitudes equal
+// the P_j to within an ulp (checked at build; lanes that close to a threshold are redone
+// exactly), so both count P_j <= m for m = |y|, and the index is clamped at 0.
+// The P_j fall into at most 32 runs of (almost exactly) equal spacing. In run r, which
+// starts at P_{j_r}, the count is clamp(floor(m * C[r] - D[r]), j_r, j_r + L_r). The run of
+// m comes from its binary octave (exponent & 31; m < 2^-31 counts nothing): octave o
+// starts in run run_lo[o] and holds at most two run starts, at bound1[o] and bound2[o]
+// (+inf if none), lowered by 2^-21 relatively so that lanes near it land in the later run, where they are
+// near an integer and get flagged. A lane is flagged, and redone with exact division and
+// threshold count, when m * C - D lies within 2^-11 of an integer. build_runs proves
+// that margin covers the model error, the reciprocal-multiply error and float rounding.
+struct RunTables {
+  bool usable = false;
+  int32_t zero_index;             // z
+  alignas(64) float bound1[32], bound2[32];  // per octave
+  alignas(64) int32_t run_lo[32]; // per octave
+  alignas(64) float C[32], D[32]; // per run
+  alignas(64) int32_t j_lo[32], j_hi[32];
+};
+
 struct QuantMap {
   float code[256];            // as given (index = stored code)
   float sorted[256];          // ascending
@@ -29,6 +52,9 @@ struct QuantMap {
   // and the magnitude of the smallest, 1 for a side without values.
   float q_pos;
   float q_neg;
+  // planes[b][k]: byte b of code[k]'s float bits (dequantization by byte permutes).
+  alignas(64) uint8_t planes[4][256];
+  RunTables runs;
 
   // Exact nearest index (into code) of a float; used by scalar tails and as the spec.
   inline uint8_t nearest(float x) const {

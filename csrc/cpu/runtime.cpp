@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <pthread.h>
@@ -134,9 +135,16 @@ void parallel_for(int64_t n, int64_t grain, int num_threads,
 }
 
 // ---- instruction set ----------------------------------------------------------------------
-static Isa detect_isa() {
+static Isa detect_cpu_isa() {
 #if defined(BNBF_X86)
   __builtin_cpu_init();
+#if defined(BNBF_HAVE_avx512vbmi)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::avx512vbmi;
+#endif
 #if defined(BNBF_HAVE_avx512)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -152,6 +160,19 @@ static Isa detect_isa() {
   return Isa::generic;
 }
 
+static constexpr Isa kIsas[] = {Isa::generic, Isa::avx2, Isa::avx512, Isa::avx512vbmi};
+
+// The best ISA of this CPU and build, capped by BNBFUSE_CPU_ISA (a name of kIsas) if set:
+// a way to compare paths, or to step around one.
+static Isa detect_isa() {
+  const Isa best = detect_cpu_isa();
+  const char* cap = std::getenv("BNBFUSE_CPU_ISA");
+  if (cap && *cap)
+    for (Isa isa : kIsas)
+      if (std::strcmp(cap, isa_name(isa)) == 0 && (int)isa < (int)best) return isa;
+  return best;
+}
+
 static std::atomic<int> g_isa{-1};
 
 Isa active_isa() {
@@ -165,6 +186,7 @@ Isa active_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512vbmi: return "avx512vbmi";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "generic";
@@ -172,12 +194,13 @@ const char* isa_name(Isa isa) {
 }
 
 bool force_isa(const char* name) {
-  Isa best = detect_isa();
+  Isa best = detect_cpu_isa();
   if (name == nullptr) {
+    best = detect_isa();
     g_isa.store((int)best);
     return true;
   }
-  for (Isa isa : {Isa::generic, Isa::avx2, Isa::avx512}) {
+  for (Isa isa : kIsas) {
     if (std::strcmp(name, isa_name(isa)) == 0) {
       if ((int)isa > (int)best) return false;  // not supported by this CPU or build
       g_isa.store((int)isa);

@@ -14,7 +14,7 @@ namespace bnbf {
 void parallel_for(int64_t n, int64_t grain, int num_threads,
                   const std::function<void(int64_t, int64_t)>& fn);
 
-enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2, avx512vbmi = 3 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 bool force_isa(const char* name);  // nullptr = detect again; false if unknown/unsupported

@@ -214,10 +214,24 @@ def test_python_m_bnbfuse():
     assert "cpu" in lines and "cpu_isa" in lines and "cuda" in lines
     if _native.cpu.loaded:
         assert lines["cpu"].startswith("loaded")
-        assert lines["cpu_isa"] in ("generic", "avx2", "avx512")
+        assert lines["cpu_isa"] in ("generic", "avx2", "avx512", "avx512vbmi")
         assert lines["cpu_isa"] in lines["cpu_isas_compiled"].split()
     if _native.cuda.loaded:
         assert lines["cuda_archs"] == "sm_80 sm_90"
+
+
+@needs_cpu_lib
+def test_cpu_isa_environment_variable_forces_a_lower_path():
+    """BNBFUSE_CPU_ISA caps the instruction set; a higher one than the CPU has is ignored."""
+    import os
+    best = _native.cpu.lib.bnbf_cpu_isa().decode()
+    for asked, expected in (("generic", "generic"), ("avx512vbmi", best)):
+        env = dict(os.environ, BNBFUSE_CPU_ISA=asked)
+        proc = subprocess.run([sys.executable, "-m", "bnbfuse"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env=env)
+        lines = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in
+                                                    proc.stdout.splitlines() if ":" in line)}
+        assert lines["cpu_isa"] == expected, (asked, proc.stdout)
 
 
 # ---- CUDA --------------------------------------------------------------------------------------

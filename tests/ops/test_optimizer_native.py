@@ -63,7 +63,7 @@ def test_native_equals_reference_non_finite_state_blocks(opt):
     assert not torch.isfinite(sn[2]).all()  # the test reached a non-finite block
 
 @native
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512vbmi"])
 @pytest.mark.parametrize("opt", ["adamw", "ademamix", "lion", "rmsprop"])
 def test_every_isa_and_thread_count_gives_the_same_bits(opt, isa):
     lib = _native.cpu.lib

@@ -61,8 +61,8 @@ struct Lanes<float> {
   static SignedMax abs_reduce(AbsAcc acc) { return signed_max_of(acc.smax, acc.umax); }
 };
 
-#if defined(BNBF_SIMD8)
 #define BNBF_LANE inline __attribute__((always_inline))
+#if defined(BNBF_SIMD8)
 
 struct F8 {
   __m256 v;
@@ -112,11 +112,64 @@ struct Lanes<F8> {
     return signed_max_of(hmax8_i32(acc.smax), hmax8_u32(acc.umax));
   }
 };
-#undef BNBF_LANE
+#endif  // BNBF_SIMD8
+
+#if defined(BNBF_SIMD16)
+struct F16 {
+  __m512 v;
+};
+BNBF_LANE F16 operator+(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+BNBF_LANE F16 operator-(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+BNBF_LANE F16 operator*(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+BNBF_LANE F16 operator/(F16 a, F16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+BNBF_LANE F16 operator+(F16 a, float b) { return a + F16{_mm512_set1_ps(b)}; }
+BNBF_LANE F16 operator-(F16 a, float b) { return a - F16{_mm512_set1_ps(b)}; }
+BNBF_LANE F16 operator*(F16 a, float b) { return a * F16{_mm512_set1_ps(b)}; }
+BNBF_LANE F16 operator/(F16 a, float b) { return a / F16{_mm512_set1_ps(b)}; }
+BNBF_LANE F16 opt_sqrt(F16 a) { return {_mm512_sqrt_ps(a.v)}; }
+BNBF_LANE F16 opt_sign(F16 x) {
+  const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+  return F16{_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, zero, _CMP_GT_OQ), one)} -
+         F16{_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, zero, _CMP_LT_OQ), one)};
+}
+
+// The avx512vbmi lanes. Their 8-bit states come dequantized in buffers (vbmi.h), so there is
+// no dequantize here.
+template <>
+struct Lanes<F16> {
+  static constexpr int W = 16;
+  using Mask = __mmask16;
+  struct AbsAcc {
+    __m512i smax, umax;
+  };
+  template <int DT>
+  static F16 load(const void* p, int64_t i) { return {load16<DT>(p, i)}; }
+  template <int DT>
+  static void store(void* p, int64_t i, F16 v) { store16<DT>(p, i, v.v); }
+  static Mask finite(F16 g) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(g.v), _mm512_set1_ps(3.40282347e+38f), _CMP_LE_OQ);
+  }
+  static Mask both(Mask a, Mask b) { return a & b; }
+  static F16 select(Mask m, F16 a, F16 b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+  static AbsAcc abs_init() { return {_mm512_setzero_si512(), _mm512_setzero_si512()}; }
+  static AbsAcc abs_max(AbsAcc acc, F16 x) {
+    const __m512i b = _mm512_castps_si512(x.v);
+    return {_mm512_max_epi32(acc.smax, b), _mm512_max_epu32(acc.umax, b)};
+  }
+  static SignedMax abs_reduce(AbsAcc acc) {
+    return signed_max_of(_mm512_reduce_max_epi32(acc.smax), (uint32_t)_mm512_reduce_max_epu32(acc.umax));
+  }
+};
+using VecLane = F16;
+constexpr bool kStatesBuffered = true;  // 8-bit states are dequantized before the rule
+#elif defined(BNBF_SIMD8)
 using VecLane = F8;
+constexpr bool kStatesBuffered = false;
 #else
 using VecLane = float;
+constexpr bool kStatesBuffered = false;
 #endif
+#undef BNBF_LANE
 
 }  // namespace BNBF_ISA_NS
 }  // namespace bnbf

@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "blockquant.h"
+#include "codec.h"
 #include "kernels.h"
 #include "lanes.h"
 #include "optim_rule.h"
@@ -71,7 +71,7 @@ inline __attribute__((always_inline)) void update_lanes(
   const L g = V::template load<DT>(r.g, r.start + i);
   const L p = V::template load<DT>(r.p, r.start + i);
   L s1, s1b{}, s2{};
-  if (Q8) {
+  if constexpr (Q8 && !kStatesBuffered) {
     s1 = V::dequantize(map1->code, r.c1 + i, r.a1);
     if (T::has_m2) s1b = V::dequantize(map1->code, r.c1b + i, r.a1b);
     if (T::two_state) s2 = V::dequantize(map2->code, r.c2 + i, r.a2);
@@ -158,6 +158,11 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       if (T::has_m2) r.s1b = (float*)c.s1 + c.n + start;
       if (T::two_state) r.s2 = (float*)c.s2 + start;
     }
+    if constexpr (Q8 && kStatesBuffered) {  // the states to fp32 buffers first (vbmi.h)
+      decode_block(*c.map1, r.c1, r.a1, S1, len);
+      if (T::has_m2) decode_block(*c.map1, r.c1b, r.a1b, S1B, len);
+      if (T::two_state) decode_block(*c.map2, r.c2, r.a2, S2, len);
+    }
     SignedMax ext[3];
     update_block<OPT, DT, Q8, NORMS>(r, len, a, c.map1, c.map2, ext);
     if (NORMS) {
@@ -174,16 +179,16 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       const QuantMap &q1 = *c.map1, *q2 = c.map2;
       float m = state_scale(ext[0].pos_bits, ext[0].neg_bits, q1.q_pos, q1.q_neg);
       c.absmax1[b] = m;
-      quantize_scaled(*c.map1, S1, m, codes1 + start, len, T::keep_positive1);
+      encode_block(*c.map1, S1, m, codes1 + start, len, T::keep_positive1);
       if (T::has_m2) {
         m = state_scale(ext[1].pos_bits, ext[1].neg_bits, q1.q_pos, q1.q_neg);
         c.absmax1[c.nblocks + b] = m;
-        quantize_scaled(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
+        encode_block(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
       }
       if (T::two_state) {
         m = state_scale(ext[2].pos_bits, ext[2].neg_bits, q2->q_pos, q2->q_neg);
         c.absmax2[b] = m;
-        quantize_scaled(*c.map2, S2, m, codes2 + start, len, T::keep_positive2);
+        encode_block(*c.map2, S2, m, codes2 + start, len, T::keep_positive2);
       }
     }
   }

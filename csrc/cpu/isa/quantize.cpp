@@ -1,7 +1,7 @@
 // Blockwise quantize / dequantize of fp32, fp16 and bf16 tensors (one pass each).
 #include <algorithm>
 
-#include "blockquant.h"
+#include "codec.h"
 #include "ceil_div.h"
 #include "kernels.h"
 #include "runtime.h"
@@ -15,7 +15,7 @@ static constexpr int64_t kTile = 4096;
 
 float quantize_block_f32(const QuantMap& map, const float* x, uint8_t* out, int64_t n) {
   float absmax = block_absmax(x, n);
-  quantize_scaled(map, x, absmax, out, n);
+  encode_block(map, x, absmax, out, n);
   return absmax;
 }
 
@@ -57,7 +57,7 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
         if (len <= kTile) {  // convert once (with the absmax); then codes from the tile
           const float m = to_f32_absmax<DT>(A, start, buf, len);
           absmax[b] = m;
-          quantize_scaled(map, buf, m, out + start, len);
+          encode_block(map, buf, m, out + start, len);
           continue;
         }
         // Larger blocks: two passes over the (cache-resident) block, absmax then codes.
@@ -72,7 +72,7 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
         for (int64_t t = 0; t < len; t += kTile) {
           int64_t tl = std::min(kTile, len - t);
           load_f32<DT>(A, start + t, buf, tl);
-          quantize_scaled(map, buf, m, out + start + t, tl);
+          encode_block(map, buf, m, out + start + t, tl);
         }
       }
     });
@@ -92,9 +92,9 @@ void dequantize_blockwise(const QuantMap& map, const uint8_t* A, const float* ab
         for (int64_t t = 0; t < len; t += kTile) {
           int64_t tl = std::min(kTile, len - t);
           if (DT == BNBF_F32) {
-            dequantize_scaled(map, A + start + t, absmax[b], (float*)out + start + t, tl);
+            decode_block(map, A + start + t, absmax[b], (float*)out + start + t, tl);
           } else {
-            dequantize_scaled(map, A + start + t, absmax[b], buf, tl);
+            decode_block(map, A + start + t, absmax[b], buf, tl);
             store_f32<DT>(buf, out, start + t, tl);
           }
         }

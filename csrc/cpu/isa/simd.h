@@ -16,6 +16,10 @@
 #include <immintrin.h>
 #define BNBF_SIMD8 1
 #endif
+// The avx512vbmi build: 16-lane optimizer lanes and the VBMI primitives (vbmi.h).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define BNBF_SIMD16 1
+#endif
 
 namespace bnbf {
 namespace BNBF_ISA_NS {
@@ -120,6 +124,33 @@ inline void store8(void* p, int64_t i, __m256 v) {
   }
 }
 
+#endif
+
+#if defined(BNBF_SIMD16)
+template <int DT>
+inline __m512 load16(const void* p, int64_t i) {
+  if (DT == BNBF_F32) return _mm512_loadu_ps((const float*)p + i);
+  const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
+  if (DT == BNBF_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// As store8 (vcvtneps2bf16 would flush subnormals, so bf16 rounds in integers).
+template <int DT>
+inline void store16(void* p, int64_t i, __m512 v) {
+  if (DT == BNBF_F32) {
+    _mm512_storeu_ps((float*)p + i, v);
+  } else if (DT == BNBF_F16) {
+    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __mmask16 isnan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, isnan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(r));
+  }
+}
 #endif
 
 // buf[0..len) = fp32 of src[off..off+len) (any dtype), and back (RNE like torch).

@@ -1,0 +1,32 @@
+// The block codecs every CPU kernel uses (quantize/dequantize, the optimizer's state, the
+// embedding lookup): the AVX-512 VBMI primitives where this build has them (vbmi.h),
+// blockquant.h's otherwise. Both give the same bits.
+#pragma once
+#include "blockquant.h"
+#include "vbmi.h"
+
+namespace bnbf {
+namespace BNBF_ISA_NS {
+
+// out[i] = code index nearest x[i] / absmax (see quantize_scaled)
+inline void encode_block(const QuantMap& m, const float* x, float absmax, uint8_t* out,
+                         int64_t n, bool keep_positive = false) {
+#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
+  quantize_fast(m, x, absmax, out, n, keep_positive);
+#else
+  quantize_scaled(m, x, absmax, out, n, keep_positive);
+#endif
+}
+
+// out[i] = code[c[i]] * absmax
+inline void decode_block(const QuantMap& m, const uint8_t* c, float absmax, float* out,
+                         int64_t n) {
+#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
+  dequantize_planes(m, c, absmax, out, n);
+#else
+  dequantize_scaled(m, c, absmax, out, n);
+#endif
+}
+
+}  // namespace BNBF_ISA_NS
+}  // namespace bnbf

@@ -1,0 +1,154 @@
+// AVX-512 VBMI block primitives: dequantization by byte planes and arithmetic exact
+// nearest quantization. Compiled only into the avx512vbmi build; the results are the bits
+// of dequantize_scaled and quantize_scaled (blockquant.h), which remain the specification
+// and serve every block these cannot (maps without RunTables, non-finite or tiny absmax).
+#pragma once
+#include "blockquant.h"
+
+#if defined(__AVX512VBMI__)
+#include <immintrin.h>
+
+namespace bnbf {
+namespace BNBF_ISA_NS {
+
+#define BNBF_HAVE_VBMI_PRIMITIVES 1
+
+// ---- dequantization -----------------------------------------------------------------------
+// Byte b of the 64 values code[c[i]] is one vpermi2b over each half of plane b (QuantMap::
+// planes), blended on the code's top bit. Unpacking the four byte vectors (bytes to words
+// to dwords) works within 128-bit lanes, so the codes are first permuted (a 4x4 transpose
+// of 4-byte groups) for the floats to come out in order.
+inline __m512i plane_order() {
+  alignas(64) static const uint8_t order[64] = {
+      0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+      4,  5,  6,  7,  20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+      8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+      12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  return _mm512_load_si512((const void*)order);
+}
+
+// out[0..64) = code[c[0..64)] * scale
+inline void dequantize64(const QuantMap& m, const uint8_t* c, __m512 scale, float* out) {
+  const __m512i codes = _mm512_permutexvar_epi8(plane_order(), _mm512_loadu_si512(c));
+  const __mmask64 high = _mm512_movepi8_mask(codes);
+  __m512i b[4];
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t* pl = m.planes[i];
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), codes,
+                                                _mm512_load_si512(pl + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), codes,
+                                                _mm512_load_si512(pl + 192));
+    b[i] = _mm512_mask_blend_epi8(high, lo, hi);
+  }
+  const __m512i w01lo = _mm512_unpacklo_epi8(b[0], b[1]), w01hi = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23lo = _mm512_unpacklo_epi8(b[2], b[3]), w23hi = _mm512_unpackhi_epi8(b[2], b[3]);
+  const __m512i v[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
+                        _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
+  for (int k = 0; k < 4; ++k)
+    _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(v[k]), scale));
+}
+
+// out[i] = code[c[i]] * absmax, as dequantize_scaled
+inline void dequantize_planes(const QuantMap& m, const uint8_t* c, float absmax, float* out,
+                              int64_t n) {
+  const __m512 s = _mm512_set1_ps(absmax);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) dequantize64(m, c + i, s, out + i);
+  for (; i < n; ++i) out[i] = m.code[c[i]] * absmax;
+}
+
+// ---- arithmetic exact nearest (RunTables, qmap.h) -----------------------------------------
+struct RunRegs {
+  __m512 bound1[2], bound2[2], C[2], D[2];
+  __m512i run_lo[2], j_lo[2], j_hi[2];
+  __m512i zero_index, zero_code, min_positive_code;
+  explicit RunRegs(const QuantMap& m) {
+    const RunTables& t = m.runs;
+    for (int h = 0; h < 2; ++h) {
+      bound1[h] = _mm512_load_ps(t.bound1 + 16 * h);
+      bound2[h] = _mm512_load_ps(t.bound2 + 16 * h);
+      C[h] = _mm512_load_ps(t.C + 16 * h);
+      D[h] = _mm512_load_ps(t.D + 16 * h);
+      run_lo[h] = _mm512_load_si512(t.run_lo + 16 * h);
+      j_lo[h] = _mm512_load_si512(t.j_lo + 16 * h);
+      j_hi[h] = _mm512_load_si512(t.j_hi + 16 * h);
+    }
+    zero_index = _mm512_set1_epi32(t.zero_index);
+    zero_code = _mm512_set1_epi32(m.zero_code);
+    min_positive_code = _mm512_set1_epi32(m.min_positive_code);
+  }
+};
+
+// Codes of 16 values x (finite, |x| <= about 1 / r): returns the lanes to redo exactly.
+template <bool KEEP_POSITIVE>
+inline __mmask16 nearest16(const RunRegs& R, __m512 x, __m512 r, __m128i* codes) {
+  const __m512 y = _mm512_mul_ps(x, r);
+  const __m512i yb = _mm512_castps_si512(y);
+  const __m512i mb = _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 m = _mm512_castsi512_ps(mb);
+  const __m512i e = _mm512_srli_epi32(mb, 23);  // the octave is its low 5 bits
+  const __m512 bound1 = _mm512_permutex2var_ps(R.bound1[0], e, R.bound1[1]);
+  const __m512 bound2 = _mm512_permutex2var_ps(R.bound2[0], e, R.bound2[1]);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i run = _mm512_permutex2var_epi32(R.run_lo[0], e, R.run_lo[1]);
+  run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(m, bound1, _CMP_GE_OQ), run, one);
+  run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(m, bound2, _CMP_GE_OQ), run, one);
+  const __m512 C = _mm512_permutex2var_ps(R.C[0], run, R.C[1]);
+  const __m512 D = _mm512_permutex2var_ps(R.D[0], run, R.D[1]);
+  const __m512 u = _mm512_fmsub_ps(m, C, D);
+  __m512i cnt = _mm512_cvttps_epi32(u);
+  cnt = _mm512_max_epi32(cnt, _mm512_permutex2var_epi32(R.j_lo[0], run, R.j_lo[1]));
+  cnt = _mm512_min_epi32(cnt, _mm512_permutex2var_epi32(R.j_hi[0], run, R.j_hi[1]));
+  const __m512 frac = _mm512_sub_ps(u, _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT |
+                                                                   _MM_FROUND_NO_EXC));
+  __mmask16 redo = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0x1p-11f), _CMP_LT_OQ);
+  const __mmask16 tiny = _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(96));  // m < 2^-31
+  cnt = _mm512_maskz_mov_epi32((__mmask16)~tiny, cnt);
+  redo &= (__mmask16)~tiny;
+  const __mmask16 neg = _mm512_movepi32_mask(yb);
+  __m512i idx = _mm512_mask_sub_epi32(_mm512_add_epi32(R.zero_index, cnt), neg, R.zero_index, cnt);
+  idx = _mm512_max_epi32(idx, _mm512_setzero_si512());
+  if (KEEP_POSITIVE) {
+    const __mmask16 fix = _mm512_cmpeq_epi32_mask(idx, R.zero_code) &
+                          _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    idx = _mm512_mask_mov_epi32(idx, fix, R.min_positive_code);
+  }
+  *codes = _mm512_cvtepi32_epi8(idx);
+  return redo;
+}
+
+// quantize_scaled's result, by nearest16 where the map and the block allow it.
+template <bool KEEP_POSITIVE>
+inline void quantize_runs_impl(const QuantMap& m, const float* x, float absmax, uint8_t* out,
+                               int64_t n) {
+  const RunRegs R(m);
+  const float d = absmax;
+  const __m512 r = _mm512_set1_ps(1.f / absmax);
+  auto exact = [&](int64_t i) {
+    out[i] = KEEP_POSITIVE ? m.nearest_keep_positive(x[i] / d, x[i]) : m.nearest(x[i] / d);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m128i codes;
+    const __mmask16 redo = nearest16<KEEP_POSITIVE>(R, _mm512_loadu_ps(x + i), r, &codes);
+    _mm_storeu_si128((__m128i*)(out + i), codes);
+    for (unsigned k = redo; k; k &= k - 1) exact(i + __builtin_ctz(k));
+  }
+  for (; i < n; ++i) exact(i);
+}
+
+inline void quantize_fast(const QuantMap& m, const float* x, float absmax, uint8_t* out,
+                          int64_t n, bool keep_positive = false) {
+  // 1 / absmax must be finite and x * (1 / absmax) within about 1: other blocks (zero,
+  // tiny, non-finite absmax) take the exact path.
+  if (!m.runs.usable || !(absmax >= 0x1p-100f && absmax <= 3.40282347e+38f)) {
+    quantize_scaled(m, x, absmax, out, n, keep_positive);
+    return;
+  }
+  if (keep_positive) quantize_runs_impl<true>(m, x, absmax, out, n);
+  else quantize_runs_impl<false>(m, x, absmax, out, n);
+}
+
+}  // namespace BNBF_ISA_NS
+}  // namespace bnbf
+#endif
