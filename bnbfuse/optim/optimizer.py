@@ -358,8 +358,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         State tensors keep their dtype (8-bit codes stay codes) and move to each parameter's
         device; they are copied, so the loaded optimizer never aliases ``state_dict``.
-        Mismatched groups, keys or shapes raise ``ValueError``; so does a ``torch.optim``
-        state dict (:meth:`load_torch_state_dict` converts those). Hooks registered with
+        Mismatched groups, keys or shapes raise ``ValueError``, and so do values a step would
+        turn into NaN parameters (NaN/Inf or negative ``absmax``; a ``qmap`` that is not
+        finite, within [-1, 1] and ascending) and a dict without ``"state"``; so does a
+        ``torch.optim`` state dict (:meth:`load_torch_state_dict` converts those). Hooks registered with
         ``register_load_state_dict_pre_hook``/``post_hook`` run as in ``torch.optim``: the
         pre-hooks on (a shallow copy of) the dict as given, the post-hooks once the state is
         loaded.
@@ -396,7 +398,9 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         The torch groups' hyper-parameters (lr, betas, eps, weight_decay, ...) replace ours;
         parameters map by position, as in ``torch.optim``. Unsupported torch settings
-        (``amsgrad=True``, ``maximize=True``, ...) raise ``ValueError``.
+        (``amsgrad=True``, ``maximize=True``, ...) raise ``ValueError``, and so does a NaN/Inf
+        moment of a parameter with 8-bit state (one would corrupt its whole 256-element
+        block); 32-bit state takes it, as ``torch.optim`` does.
         """
         checkpoint.load_torch_state_dict(self, state_dict)
         self._page_all()
