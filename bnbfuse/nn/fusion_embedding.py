@@ -148,7 +148,8 @@ class FusionEmbedding(torch.nn.Module):
         out = fusion_embedding_lookup(input, base, None, None, fusion, 0, 1)
         if self.padding_idx is not None and base.requires_grad and torch.is_grad_enabled():
             # nn.Embedding's padding_idx: the padding row's lookups carry no gradient.
-            out = torch.where((input == self.padding_idx).unsqueeze(-1), out.detach(), out)
+            pad = (input == self.padding_idx).unsqueeze(-1).to(out.device)  # meta module
+            out = torch.where(pad, out.detach(), out)
         return out
 
     def fusion_params(self) -> list[str]:

@@ -510,3 +510,14 @@ def test_cuda_kernel_zero_row_for_bad_id_without_python_checks():
     assert torch.equal(out[1], torch.zeros(8, device=dev))
     assert torch.equal(out[2], torch.zeros(8, device=dev))
     assert torch.equal(out[3], fusion[1])
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "nf4"])
+@pytest.mark.parametrize("ids_device", ["cpu", "meta"])
+def test_meta_module_returns_meta_tensor(quant, ids_device):
+    # as nn.Embedding on meta: the output stays on meta (no uninitialised CPU memory)
+    emb = FusionEmbedding(10, 3, 8, base_quant=quant, padding_idx=0, device="meta")
+    ids = torch.tensor([[0, 1, 11]], device=ids_device)
+    out = emb(ids)
+    assert out.is_meta and out.shape == (1, 3, 8)
+    assert torch.nn.Embedding(10, 8, device="meta")(ids).is_meta
