@@ -32,7 +32,7 @@ import torch
 from .ops.quantize import nearest_thresholds
 
 __all__ = ["SCHEMES", "quant_map", "fp4_map", "quantize_table", "dequantize_table",
-           "code_shape", "bits_of", "table_bytes"]
+           "code_shape", "bits_of", "table_bytes", "refuse_foreign_codes"]
 
 SCHEMES = ("int8", "nf4", "fp4")
 DEFAULT_BLOCKSIZE = 64
@@ -159,6 +159,22 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
         codes[r0:r0 + rows_per_chunk] = idx
         absmax[r0:r0 + rows_per_chunk] = amax
     return codes, absmax
+
+
+def refuse_foreign_codes(state_dict: dict, key: str, saved_as: str, current: torch.Tensor,
+                         error_msgs: list) -> None:
+    """For a ``load_state_dict`` pre-hook: codes under ``key`` that are not uint8 are
+    reported in ``error_msgs`` (as ``saved_as``, the checkpoint's name) and not loaded.
+
+    torch's load would cast them into the uint8 buffer, silently wrapping values outside
+    0..255 (int16 -300 becomes 212) into wrong codes. Every uint8 byte is a valid code
+    (int8: an index into the 256-value map; NF4/FP4: two 4-bit indices).
+    """
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.dtype != torch.uint8:
+        error_msgs.append(f"{saved_as}: quantized codes must be uint8, got {value.dtype} "
+                          "(a cast would wrap values outside 0..255 into wrong codes)")
+        state_dict[key] = current  # the module's own codes: loading them changes nothing
 
 
 def unpack_codes(codes: torch.Tensor, scheme: str, dim: int) -> torch.Tensor:

@@ -278,12 +278,16 @@ class FusionEmbedding(torch.nn.Module):
         if isinstance(value, Tensor) and value.is_floating_point():
             self._quantize_float_base(state_dict, prefix, value, error_msgs)
             return
-        if value is not None and prefix + "weight_codes" not in state_dict:
+        saved_as = prefix + "weight_codes"
+        if value is not None and saved_as not in state_dict:
             # the layout before the codes got their own name: uint8 codes under "weight"
-            state_dict[prefix + "weight_codes"] = state_dict.pop(key)
+            state_dict[saved_as] = state_dict.pop(key)
+            saved_as = key
         for inner, outer in _QUANT_KEYS.items():
             if prefix + outer in state_dict:
                 state_dict[prefix + inner] = state_dict.pop(prefix + outer)
+        rq.refuse_foreign_codes(state_dict, prefix + "embedding.weight", saved_as,
+                                self.embedding.weight, error_msgs)
 
     def _quantize_float_base(self, state_dict, prefix, value, error_msgs) -> None:
         """A float table (the original model's nn.Embedding) loaded into a quantized base."""

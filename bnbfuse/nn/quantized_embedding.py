@@ -124,14 +124,18 @@ class _QuantizedEmbedding(torch.nn.Embedding):
 
     def _quantize_float_weight(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                unexpected_keys, error_msgs) -> None:
+        saved_as = prefix + "weight"
         if prefix + "weight_codes" in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(prefix + "weight_codes")
+            saved_as = prefix + "weight_codes"
+        value = state_dict.get(prefix + "weight")
+        if saved_as != prefix + "weight" or not isinstance(value, Tensor) or (
+                not value.is_floating_point()):
+            rq.refuse_foreign_codes(state_dict, prefix + "weight", saved_as, self.weight,
+                                    error_msgs)
             return
         # A float table (an nn.Embedding's checkpoint) is quantized on load, as bitsandbytes
         # quantizes the float weights it was loaded with.
-        value = state_dict.get(prefix + "weight")
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            return
         try:
             codes, absmax = self._quantized(value)
         except ValueError as err:

@@ -521,3 +521,19 @@ def test_meta_module_returns_meta_tensor(quant, ids_device):
     out = emb(ids)
     assert out.is_meta and out.shape == (1, 3, 8)
     assert torch.nn.Embedding(10, 8, device="meta")(ids).is_meta
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("key", ["weight_codes", "weight"])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.int64, torch.bool])
+def test_codes_of_another_dtype_are_refused(quant, key, dtype):
+    # int16 -300..-45 would wrap into uint8 codes: refused, and nothing is loaded
+    emb = FusionEmbedding(50, 2, 40, base_quant=quant)
+    sd = emb.state_dict()
+    sd[key] = torch.linspace(-300, -45, sd.pop("weight_codes").numel()).to(dtype).view(
+        emb.embedding.weight.shape)
+    fresh = FusionEmbedding(50, 2, 40, base_quant=quant)
+    before = fresh.embedding.weight.clone()
+    with pytest.raises(RuntimeError, match=f"{key}: quantized codes must be uint8, got {dtype}"):
+        fresh.load_state_dict(sd)
+    assert torch.equal(fresh.embedding.weight, before)
