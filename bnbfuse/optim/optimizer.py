@@ -42,6 +42,31 @@ def _global_sum(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_SUM_BLOCK = 4096       # elements per partial sum of _finite_square_sum
+_SUM_CHUNK = 256 * _SUM_BLOCK  # elements converted to float64 at once (bounds the memory)
+
+
+def _finite_square_sum(g: torch.Tensor) -> torch.Tensor:
+    """sum(g**2) over the finite elements of ``g``, in float64, as a 1-element tensor.
+
+    The same bits whatever ``torch.get_num_threads()`` is: squares go into fixed blocks of
+    ``_SUM_BLOCK``, each summed by one thread (a row reduction), and the block sums are
+    reduced the same way until one block is left, which is summed serially (below torch's
+    parallel grain). A plain ``torch.sum`` splits the work by thread count.
+    """
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        pad = -x.numel() % _SUM_BLOCK
+        return torch.nn.functional.pad(x, (0, pad)).view(-1, _SUM_BLOCK).sum(1)
+
+    flat = g.reshape(-1)
+    parts = [rows(torch.where(torch.isfinite(c), c, 0).double().square_())
+             for c in flat.split(_SUM_CHUNK)] or [flat.new_zeros(1, dtype=torch.float64)]
+    total = torch.cat(parts)
+    while total.numel() > _SUM_BLOCK:
+        total = rows(total)
+    return total.sum().reshape(1)
+
+
 def _check_range(name: str, value, low: float, high: float = math.inf, *,
                  high_open: bool = False) -> None:
     v = float(value)
@@ -329,19 +354,20 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Percentile clipping (Dettmers et al. 2022): the factor that brings this gradient's
         norm down to the ``percentile_clipping``-th percentile of its last 100 norms.
 
-        Non-finite elements are left out of the norm, as the update leaves them out too.
+        Non-finite elements are left out of the norm, as the update leaves them out too. The
+        norm is a fixed blocked float64 sum (``_finite_square_sum``): the same whatever the
+        thread count, as the ``max_unorm``/LAMB/LARS norms are.
         """
         pc = cfg["percentile_clipping"]
         if pc >= 100:
             return 1.0
-        g32 = g.float()
-        sq = torch.where(torch.isfinite(g32), g32, 0).square().sum().reshape(1)
-        sq = _global_sum(sq, p)
+        sq = _global_sum(_finite_square_sum(g), p)
         history = state["gnorm_vec"]
-        history[(step - 1) % len(history)] = sq[0]
+        slot = (step - 1) % len(history)
+        history[slot] = sq[0]
         seen = history[: min(step, len(history))]
         clip_sq = torch.quantile(seen.double(), pc / 100.0, interpolation="lower")
-        current, clip_sq = float(sq[0]), float(clip_sq)
+        current, clip_sq = float(history[slot]), float(clip_sq)  # both float32-rounded
         if current > clip_sq and current > 0:
             return math.sqrt(clip_sq / current)
         return 1.0
