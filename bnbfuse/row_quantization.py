@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.quantize import nearest_thresholds
+from .ops.quantize import nearest_thresholds, one_block_at_most
 
 __all__ = ["SCHEMES", "quant_map", "fp4_map", "quantize_table", "dequantize_table",
            "code_shape", "bits_of", "table_bytes", "refuse_foreign_codes"]
@@ -136,6 +136,7 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
     if not isinstance(blocksize, int) or blocksize < 2:
         raise ValueError(f"blocksize must be an int >= 2, got {blocksize!r}")
     rows, dim = weight.shape
+    blocksize = one_block_at_most(dim, blocksize)  # a block never pads past its row
     nblk = -(dim // -blocksize)
     values = quant_map(scheme, weight.device)
     # stable, so that equal map values (FP4's two zeros) always resolve to the same code
@@ -198,6 +199,7 @@ def dequantize_table(codes: torch.Tensor, absmax: torch.Tensor, scheme: str,
     if dim is None:
         dim = codes.shape[-1] * (1 if bits_of(scheme) == 8 else 2)
     idx = unpack_codes(codes, scheme, dim)
+    blocksize = one_block_at_most(dim, blocksize)
     values = (quant_map(scheme, codes.device) if qmap is None else qmap.to(codes.device))[idx]
     scale = absmax.to(torch.float32).repeat_interleave(blocksize, dim=-1)[..., :dim]
     return (values * scale).to(dtype)

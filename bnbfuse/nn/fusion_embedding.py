@@ -62,7 +62,8 @@ class FusionEmbedding(torch.nn.Module):
         fusion_vocab_size (int): rows ``F`` of the new-token table.
         embed_dim (int): embedding dimension ``D``.
         base_quant (str, optional): ``None``, ``"int8"`` or ``"nf4"``.
-        blocksize (int): values per scale block of a quantized base (default 64).
+        blocksize (int): values per scale block of a quantized base (default 64; a larger
+            one than ``embed_dim`` is capped at it: one block per row).
         padding_idx (int, optional): a base row that receives no gradient, as in
             ``nn.Embedding`` (a bnbfuse extra; :meth:`from_embedding` copies it and
             :meth:`merge` keeps it). Negative values count from ``V``.
@@ -109,6 +110,7 @@ class FusionEmbedding(torch.nn.Module):
         else:
             self.embedding = QuantizedEmbeddingTable(vocab_size, embed_dim, base_quant, blocksize,
                                                      device=device)
+            self.blocksize = self.embedding.blocksize  # capped at the row width
         self.fusion_embedding = torch.nn.Embedding(fusion_vocab_size, embed_dim, device=device,
                                                    dtype=dtype)
         keep_32bit_state(self.fusion_embedding, "weight")

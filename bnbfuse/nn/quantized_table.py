@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import row_quantization as rq
+from ..ops.quantize import one_block_at_most
 from .lookup import fusion_embedding_lookup
 
 __all__ = ["QuantizedEmbeddingTable"]
@@ -46,8 +47,9 @@ class QuantizedEmbeddingTable(torch.nn.Module):
         if not isinstance(blocksize, int) or blocksize < 2:
             raise ValueError(f"blocksize must be an int >= 2, got {blocksize!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.scheme, self.blocksize = scheme, blocksize
-        nblk = -(embedding_dim // -blocksize)
+        # a block longer than a row is the row (the same codes and scales, no padding)
+        self.scheme, self.blocksize = scheme, one_block_at_most(embedding_dim, blocksize)
+        nblk = -(embedding_dim // -self.blocksize)
         self.register_buffer("weight", torch.zeros(rq.code_shape(num_embeddings, embedding_dim, scheme),
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.zeros(num_embeddings, nblk, dtype=torch.float32,

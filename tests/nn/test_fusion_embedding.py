@@ -537,3 +537,26 @@ def test_codes_of_another_dtype_are_refused(quant, key, dtype):
     with pytest.raises(RuntimeError, match=f"{key}: quantized codes must be uint8, got {dtype}"):
         fresh.load_state_dict(sd)
     assert torch.equal(fresh.embedding.weight, before)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("blocksize", [2**12, 2**22])
+def test_blocksize_is_capped_at_the_row_width(quant, blocksize):
+    # a block longer than a row is the row: no (rows, blocksize) padding (2**22 peaked at 4 GB)
+    torch.manual_seed(0)
+    emb = FusionEmbedding(50, 6, 40, base_quant=quant, blocksize=blocksize)
+    assert emb.embedding.blocksize == 40 and emb.blocksize == 40
+    assert emb.embedding.absmax.shape == (50, 1)
+    w = torch.randn(50, 40)
+    emb.embedding.quantize_(w)
+    row = FusionEmbedding(50, 6, 40, base_quant=quant, blocksize=40)
+    row.embedding.quantize_(w)
+    ids = torch.arange(50)
+    assert torch.equal(emb(ids), row(ids))
+    assert torch.equal(emb.embedding.dequantize(), row.embedding.dequantize())
+    q = bnb.nn.Embedding8bit(50, 40, blocksize=blocksize)
+    assert q.blocksize == 40 and q.weight_absmax.shape == (50, 1)
+    codes, absmax = rq.quantize_table(w, quant, blocksize)
+    assert absmax.shape == (50, 1) and torch.equal(codes, row.embedding.weight)
+    assert torch.equal(rq.dequantize_table(codes, absmax, quant, blocksize, 40),
+                       row.embedding.dequantize())
