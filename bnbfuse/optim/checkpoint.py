@@ -83,11 +83,7 @@ def check_param_state(opt, index: int, p: torch.Tensor, st: dict) -> dict:
     out = {}
     for k, v in st.items():
         if k == "step":
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if float(v) != int(v) or int(v) < 0:
-                raise ValueError(f"{where}: step must be a count >= 0, got {v!r}")
-            out[k] = int(v)
+            out[k] = state8bit.step_count(v, where)
             continue
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"{where}: {k} must be a tensor, got {type(v).__name__}")
@@ -271,6 +267,8 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
         if missing:
             raise ValueError(f"{name}.load_torch_state_dict: parameter {key} lacks "
                              f"{missing} (keys: {sorted(tst)})")
+        if "step" in tst:
+            state8bit.step_count(tst["step"], f"{name}.load_torch_state_dict: parameter {key}")
         local = to_local(p)
         for k in names:
             v = tst[k]
@@ -304,8 +302,7 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
             tst = new_state[p]
             st: dict = {}
             opt._init_state(p, st, opt._param_config(group, p))
-            step = tst.get("step", 1)
-            st["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
+            st["step"] = state8bit.step_count(tst.get("step", 1), name)
             for i, k in enumerate(names, start=1):
                 state8bit.set_state(st, opt.optimizer_name, i, to_local(tst[k]))
             opt.state[p] = st

@@ -447,3 +447,37 @@ def test_load_torch_state_dict_refuses_non_finite_8bit_state(bad):
     s1 = wide.state[m[0].weight]["state1"].view(-1)
     torch.testing.assert_close(s1[300], torch.tensor(bad), equal_nan=True)
     assert torch.isfinite(s1[:300]).all()
+
+
+@pytest.mark.parametrize("bad", ["3", 2.5, -1, True, torch.tensor([1.0, 2.0])],
+                         ids=["str", "fraction", "negative", "bool", "tensor-of-2"])
+def test_step_that_is_not_a_count_is_refused(bad):
+    m, o = _trained()
+    sd = copy.deepcopy(o.state_dict())
+    sd["state"][0]["step"] = bad
+    with pytest.raises((TypeError, ValueError), match="step"):
+        bo.AdamW8bit(m.parameters()).load_state_dict(sd)
+    t = torch.optim.AdamW(m.parameters())
+    _train(m, t, 1, seed=0)
+    tsd = t.state_dict()
+    tsd["state"][0]["step"] = bad
+    with pytest.raises((TypeError, ValueError), match="step"):
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(tsd)
+    o.state[m[0].weight]["step"] = bad  # set by hand in the live state
+    with pytest.raises((TypeError, ValueError), match="step"):
+        _train(m, o, 1, seed=1)
+
+
+def test_step_counts_past_int32_train_and_round_trip():
+    m, o = _trained()
+    for st in o.state.values():
+        st["step"] = 2**32
+    _train(m, o, 1, seed=1)
+    assert {st["step"] for st in o.state.values()} == {2**32 + 1}
+    fresh = bo.AdamW8bit(m.parameters())
+    fresh.load_state_dict(_roundtrip(o.state_dict()))
+    assert {st["step"] for st in fresh.state.values()} == {2**32 + 1}
+    fresh.load_state_dict({**o.state_dict(), "state": {
+        k: {**v, "step": torch.tensor(2**32 + 1, dtype=torch.int64)}
+        for k, v in o.state_dict()["state"].items()}})
+    assert {st["step"] for st in fresh.state.values()} == {2**32 + 1}
