@@ -64,8 +64,8 @@ class FusionEmbedding(torch.nn.Module):
         base_quant (str, optional): ``None``, ``"int8"`` or ``"nf4"``.
         blocksize (int): values per scale block of a quantized base (default 64; a larger
             one than ``embed_dim`` is capped at it: one block per row).
-        padding_idx (int, optional): a base row that receives no gradient, as in
-            ``nn.Embedding`` (a bnbfuse extra; :meth:`from_embedding` copies it and
+        padding_idx (int, optional): a base row that starts at zero (in a randomly built
+            base) and receives no gradient, as in ``nn.Embedding`` (a bnbfuse extra; :meth:`from_embedding` copies it and
             :meth:`merge` keeps it). Negative values count from ``V``.
         device, dtype: factory arguments; ``dtype`` is the dtype of the float tables and of
             the output.
@@ -104,12 +104,15 @@ class FusionEmbedding(torch.nn.Module):
                             f"{dtype} (the lookup kernels have no other path)")
         self.vocab_size, self.fusion_vocab_size, self.dim = vocab_size, fusion_vocab_size, embed_dim
         self.base_quant, self.blocksize = base_quant, blocksize
+        # A randomly built base starts with its padding row at zero, as nn.Embedding's
+        # (its reset_parameters zeroes it again after a meta-device init).
         if base_quant is None:
-            self.embedding = torch.nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
+            self.embedding = torch.nn.Embedding(vocab_size, embed_dim, self.padding_idx,
+                                                device=device, dtype=dtype)
             keep_32bit_state(self.embedding, "weight")
         else:
             self.embedding = QuantizedEmbeddingTable(vocab_size, embed_dim, base_quant, blocksize,
-                                                     device=device)
+                                                     device=device, padding_idx=self.padding_idx)
             self.blocksize = self.embedding.blocksize  # capped at the row width
         self.fusion_embedding = torch.nn.Embedding(fusion_vocab_size, embed_dim, device=device,
                                                    dtype=dtype)

@@ -560,3 +560,23 @@ def test_blocksize_is_capped_at_the_row_width(quant, blocksize):
     assert absmax.shape == (50, 1) and torch.equal(codes, row.embedding.weight)
     assert torch.equal(rq.dequantize_table(codes, absmax, quant, blocksize, 40),
                        row.embedding.dequantize())
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "nf4"])
+@pytest.mark.parametrize("pad", [3, -1])
+def test_padding_row_starts_at_zero(quant, pad):
+    # as nn.Embedding(padding_idx=k): the padding row of a randomly built base is zero,
+    # also after the meta-device init (to_empty + each module's reset_parameters)
+    torch.manual_seed(0)
+    emb = FusionEmbedding(10, 3, 7, base_quant=quant, padding_idx=pad)
+    row = pad % 10
+    out = emb(torch.arange(13))
+    assert torch.equal(out[row], torch.zeros(7))
+    assert bool((out[torch.arange(13) != row].abs().sum(1) > 0).all())
+    meta = FusionEmbedding(10, 3, 7, base_quant=quant, padding_idx=pad, device="meta")
+    meta.to_empty(device="cpu")
+    for module in meta.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert torch.equal(meta(torch.tensor([row]))[0], torch.zeros(7))
+    assert torch.equal(torch.nn.Embedding(10, 7, padding_idx=pad).weight[row], torch.zeros(7))
