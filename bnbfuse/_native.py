@@ -43,7 +43,7 @@ class OptimizerArgs(ctypes.Structure):
         ("step_size", ctypes.c_float),
         ("lr", ctypes.c_float),
         ("update_scale", ctypes.c_float),
-        ("step", ctypes.c_int32),
+        ("step", ctypes.c_int64),
         ("nesterov", ctypes.c_int32),
     ]
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from .ops.quantize import nearest_thresholds
+from .ops.quantize import nearest_thresholds, one_block_at_most
 
 __all__ = ["SCHEMES", "quant_map", "fp4_map", "quantize_table", "dequantize_table",
-           "code_shape", "bits_of", "table_bytes"]
+           "code_shape", "bits_of", "table_bytes", "refuse_foreign_codes"]
 
 SCHEMES = ("int8", "nf4", "fp4")
 DEFAULT_BLOCKSIZE = 64
@@ -136,6 +136,7 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
     if not isinstance(blocksize, int) or blocksize < 2:
         raise ValueError(f"blocksize must be an int >= 2, got {blocksize!r}")
     rows, dim = weight.shape
+    blocksize = one_block_at_most(dim, blocksize)  # a block never pads past its row
     nblk = -(dim // -blocksize)
     values = quant_map(scheme, weight.device)
     # stable, so that equal map values (FP4's two zeros) always resolve to the same code
@@ -161,6 +162,22 @@ def quantize_table(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_B
     return codes, absmax
 
 
+def refuse_foreign_codes(state_dict: dict, key: str, saved_as: str, current: torch.Tensor,
+                         error_msgs: list) -> None:
+    """For a ``load_state_dict`` pre-hook: codes under ``key`` that are not uint8 are
+    reported in ``error_msgs`` (as ``saved_as``, the checkpoint's name) and not loaded.
+
+    torch's load would cast them into the uint8 buffer, silently wrapping values outside
+    0..255 (int16 -300 becomes 212) into wrong codes. Every uint8 byte is a valid code
+    (int8: an index into the 256-value map; NF4/FP4: two 4-bit indices).
+    """
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.dtype != torch.uint8:
+        error_msgs.append(f"{saved_as}: quantized codes must be uint8, got {value.dtype} "
+                          "(a cast would wrap values outside 0..255 into wrong codes)")
+        state_dict[key] = current  # the module's own codes: loading them changes nothing
+
+
 def unpack_codes(codes: torch.Tensor, scheme: str, dim: int) -> torch.Tensor:
     """Map indices (int64) of shape ``(..., dim)`` from stored codes."""
     if bits_of(scheme) == 8:
@@ -182,6 +199,7 @@ def dequantize_table(codes: torch.Tensor, absmax: torch.Tensor, scheme: str,
     if dim is None:
         dim = codes.shape[-1] * (1 if bits_of(scheme) == 8 else 2)
     idx = unpack_codes(codes, scheme, dim)
+    blocksize = one_block_at_most(dim, blocksize)
     values = (quant_map(scheme, codes.device) if qmap is None else qmap.to(codes.device))[idx]
     scale = absmax.to(torch.float32).repeat_interleave(blocksize, dim=-1)[..., :dim]
     return (values * scale).to(dtype)

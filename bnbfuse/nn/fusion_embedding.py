@@ -62,9 +62,10 @@ class FusionEmbedding(torch.nn.Module):
         fusion_vocab_size (int): rows ``F`` of the new-token table.
         embed_dim (int): embedding dimension ``D``.
         base_quant (str, optional): ``None``, ``"int8"`` or ``"nf4"``.
-        blocksize (int): values per scale block of a quantized base (default 64).
-        padding_idx (int, optional): a base row that receives no gradient, as in
-            ``nn.Embedding`` (a bnbfuse extra; :meth:`from_embedding` copies it and
+        blocksize (int): values per scale block of a quantized base (default 64; a larger
+            one than ``embed_dim`` is capped at it: one block per row).
+        padding_idx (int, optional): a base row that starts at zero (in a randomly built
+            base) and receives no gradient, as in ``nn.Embedding`` (a bnbfuse extra; :meth:`from_embedding` copies it and
             :meth:`merge` keeps it). Negative values count from ``V``.
         device, dtype: factory arguments; ``dtype`` is the dtype of the float tables and of
             the output.
@@ -103,12 +104,16 @@ class FusionEmbedding(torch.nn.Module):
                             f"{dtype} (the lookup kernels have no other path)")
         self.vocab_size, self.fusion_vocab_size, self.dim = vocab_size, fusion_vocab_size, embed_dim
         self.base_quant, self.blocksize = base_quant, blocksize
+        # A randomly built base starts with its padding row at zero, as nn.Embedding's
+        # (its reset_parameters zeroes it again after a meta-device init).
         if base_quant is None:
-            self.embedding = torch.nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
+            self.embedding = torch.nn.Embedding(vocab_size, embed_dim, self.padding_idx,
+                                                device=device, dtype=dtype)
             keep_32bit_state(self.embedding, "weight")
         else:
             self.embedding = QuantizedEmbeddingTable(vocab_size, embed_dim, base_quant, blocksize,
-                                                     device=device)
+                                                     device=device, padding_idx=self.padding_idx)
+            self.blocksize = self.embedding.blocksize  # capped at the row width
         self.fusion_embedding = torch.nn.Embedding(fusion_vocab_size, embed_dim, device=device,
                                                    dtype=dtype)
         keep_32bit_state(self.fusion_embedding, "weight")
@@ -148,7 +153,8 @@ class FusionEmbedding(torch.nn.Module):
         out = fusion_embedding_lookup(input, base, None, None, fusion, 0, 1)
         if self.padding_idx is not None and base.requires_grad and torch.is_grad_enabled():
             # nn.Embedding's padding_idx: the padding row's lookups carry no gradient.
-            out = torch.where((input == self.padding_idx).unsqueeze(-1), out.detach(), out)
+            pad = (input == self.padding_idx).unsqueeze(-1).to(out.device)  # meta module
+            out = torch.where(pad, out.detach(), out)
         return out
 
     def fusion_params(self) -> list[str]:
@@ -277,12 +283,16 @@ class FusionEmbedding(torch.nn.Module):
         if isinstance(value, Tensor) and value.is_floating_point():
             self._quantize_float_base(state_dict, prefix, value, error_msgs)
             return
-        if value is not None and prefix + "weight_codes" not in state_dict:
+        saved_as = prefix + "weight_codes"
+        if value is not None and saved_as not in state_dict:
             # the layout before the codes got their own name: uint8 codes under "weight"
-            state_dict[prefix + "weight_codes"] = state_dict.pop(key)
+            state_dict[saved_as] = state_dict.pop(key)
+            saved_as = key
         for inner, outer in _QUANT_KEYS.items():
             if prefix + outer in state_dict:
                 state_dict[prefix + inner] = state_dict.pop(prefix + outer)
+        rq.refuse_foreign_codes(state_dict, prefix + "embedding.weight", saved_as,
+                                self.embedding.weight, error_msgs)
 
     def _quantize_float_base(self, state_dict, prefix, value, error_msgs) -> None:
         """A float table (the original model's nn.Embedding) loaded into a quantized base."""

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import row_quantization as rq
+from ..ops.quantize import one_block_at_most
 from .lookup import fusion_embedding_lookup
 
 __all__ = ["Embedding8bit", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4"]
@@ -63,7 +64,7 @@ class _QuantizedEmbedding(torch.nn.Embedding):
         self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
         self.scale_grad_by_freq, self.sparse = False, False
         self.scheme = scheme
-        self.blocksize = max(2, blocksize if blocksize is not None else embedding_dim)
+        self.blocksize = max(2, one_block_at_most(embedding_dim, blocksize or embedding_dim))
         self.dtype = dtype if dtype is not None else torch.get_default_dtype()  # the output's
         codes = torch.zeros(rq.code_shape(num_embeddings, embedding_dim, scheme),
                             dtype=torch.uint8, device=device)
@@ -124,14 +125,18 @@ class _QuantizedEmbedding(torch.nn.Embedding):
 
     def _quantize_float_weight(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                unexpected_keys, error_msgs) -> None:
+        saved_as = prefix + "weight"
         if prefix + "weight_codes" in state_dict:
             state_dict[prefix + "weight"] = state_dict.pop(prefix + "weight_codes")
+            saved_as = prefix + "weight_codes"
+        value = state_dict.get(prefix + "weight")
+        if saved_as != prefix + "weight" or not isinstance(value, Tensor) or (
+                not value.is_floating_point()):
+            rq.refuse_foreign_codes(state_dict, prefix + "weight", saved_as, self.weight,
+                                    error_msgs)
             return
         # A float table (an nn.Embedding's checkpoint) is quantized on load, as bitsandbytes
         # quantizes the float weights it was loaded with.
-        value = state_dict.get(prefix + "weight")
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            return
         try:
             codes, absmax = self._quantized(value)
         except ValueError as err:

@@ -1,11 +1,15 @@
 """A frozen embedding table stored in int8 or NF4 (the base of a quantized FusionEmbedding)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .. import row_quantization as rq
+from ..ops.quantize import one_block_at_most
 from .lookup import fusion_embedding_lookup
+from .standard_embedding import padding_row
 
 __all__ = ["QuantizedEmbeddingTable"]
 
@@ -26,6 +30,8 @@ class QuantizedEmbeddingTable(torch.nn.Module):
         blocksize (int): values per scale block inside a row.
         device: where the buffers live. The table starts as ``N(0, 1)`` quantized (nothing
             is drawn on the meta device); fill it with :meth:`quantize_`.
+        padding_idx (int, optional): a row that :meth:`reset_parameters` sets to zero, as
+            ``nn.Embedding`` does (negative counts from ``V``).
 
     Shapes:
         input ``(*)`` ids in ``[0, V)`` → output ``(*, D)`` float32.
@@ -40,14 +46,17 @@ class QuantizedEmbeddingTable(torch.nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str = "int8",
-                 blocksize: int = rq.DEFAULT_BLOCKSIZE, device=None) -> None:
+                 blocksize: int = rq.DEFAULT_BLOCKSIZE, device=None, *,
+                 padding_idx: Optional[int] = None) -> None:
         super().__init__()
         self.bits = rq.bits_of(scheme)
         if not isinstance(blocksize, int) or blocksize < 2:
             raise ValueError(f"blocksize must be an int >= 2, got {blocksize!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.scheme, self.blocksize = scheme, blocksize
-        nblk = -(embedding_dim // -blocksize)
+        self.padding_idx = padding_row(padding_idx, num_embeddings, "padding_idx")
+        # a block longer than a row is the row (the same codes and scales, no padding)
+        self.scheme, self.blocksize = scheme, one_block_at_most(embedding_dim, blocksize)
+        nblk = -(embedding_dim // -self.blocksize)
         self.register_buffer("weight", torch.zeros(rq.code_shape(num_embeddings, embedding_dim, scheme),
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.zeros(num_embeddings, nblk, dtype=torch.float32,
@@ -66,12 +75,14 @@ class QuantizedEmbeddingTable(torch.nn.Module):
 
     def reset_parameters(self, rows_per_chunk: int = 8192) -> None:
         """Fills the table with quantized ``N(0, 1)`` values, chunk by chunk (and the map:
-        after ``to_empty()`` every buffer holds garbage)."""
+        after ``to_empty()`` every buffer holds garbage); the padding row is zero."""
         with torch.no_grad():
             self.qmap.copy_(rq.quant_map(self.scheme, self.qmap.device))
             for r0 in range(0, self.num_embeddings, rows_per_chunk):
                 n = min(rows_per_chunk, self.num_embeddings - r0)
                 w = torch.randn(n, self.embedding_dim, device=self.weight.device)
+                if self.padding_idx is not None and r0 <= self.padding_idx < r0 + n:
+                    w[self.padding_idx - r0] = 0
                 codes, absmax = rq.quantize_table(w, self.scheme, self.blocksize)
                 self.weight[r0:r0 + n] = codes
                 self.absmax[r0:r0 + n] = absmax

@@ -32,7 +32,11 @@ def _(ids, base, absmax, qmap, fusion, bits, blocksize):
     torch._check(ids.dtype == torch.int64, lambda: f"ids must be int64, got {ids.dtype}")
     torch._check(bits in (0, 4, 8), lambda: f"bits must be 0, 4 or 8, got {bits}")
     torch._check(fusion.dim() == 2, lambda: "fusion table must be 2-D")
-    return torch.empty((*ids.shape, fusion.shape[1]), dtype=fusion.dtype, device=ids.device)
+    # Meta tables (a module built on device="meta") give a meta output whatever device the
+    # ids are on, as nn.Embedding does; otherwise every tensor is on the ids' device.
+    meta = any(t.is_meta for t in (ids, base, fusion))
+    return torch.empty((*ids.shape, fusion.shape[1]), dtype=fusion.dtype,
+                       device="meta" if meta else ids.device)
 
 
 def check_lookup_args(ids, base, absmax, qmap, fusion, bits, blocksize):

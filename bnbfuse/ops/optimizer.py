@@ -15,6 +15,7 @@ bit for bit.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from typing import NamedTuple
 
@@ -109,9 +110,15 @@ def optimizer_scalars(optimizer: str, hp: KernelHyperparams, update_scale: float
     ``bnbf_optim_args`` in csrc/include/bnbfuse.h.
     """
     rule(optimizer)
-    step = hp.step
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (1-based count after this update), got {step}")
+    try:
+        step = operator.index(hp.step)  # an int, NumPy integer or integer 0-d tensor
+    except TypeError:
+        step = None
+    if step is None or isinstance(hp.step, bool):
+        raise TypeError(f"step must be an int, got {type(hp.step).__name__}")
+    if not 1 <= step < 2**63:
+        raise ValueError(f"step must be >= 1 and < 2**63 (1-based count after this update), "
+                         f"got {step}")
     lr, wd, us = float(hp.lr), float(hp.weight_decay), float(update_scale)
     bc1 = 1.0 - float(hp.beta1) ** step
     bc2 = 1.0 - float(hp.beta2) ** step

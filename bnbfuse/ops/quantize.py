@@ -12,7 +12,7 @@ import torch
 
 from .library import lib
 
-__all__ = ["nearest_thresholds", "check_code", "check_blocksize"]
+__all__ = ["nearest_thresholds", "check_code", "check_blocksize", "one_block_at_most"]
 
 lib.define("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
 lib.define(
@@ -57,6 +57,12 @@ def check_code(code: torch.Tensor, device) -> torch.Tensor:
     if code.numel() != 256:
         raise ValueError(f"the quantization map must have 256 values, got {code.numel()}")
     return code.to(device=device, dtype=torch.float32).contiguous()
+
+
+def one_block_at_most(n: int, blocksize: int) -> int:
+    """A block longer than the tensor (or the table row) is the tensor: the same blocks,
+    without padding a 5-element tensor to a blocksize of 2**63 - 1."""
+    return min(blocksize, max(n, 1))
 
 
 def check_blocksize(blocksize: int) -> None:

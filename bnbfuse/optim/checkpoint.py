@@ -83,11 +83,7 @@ def check_param_state(opt, index: int, p: torch.Tensor, st: dict) -> dict:
     out = {}
     for k, v in st.items():
         if k == "step":
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if float(v) != int(v) or int(v) < 0:
-                raise ValueError(f"{where}: step must be a count >= 0, got {v!r}")
-            out[k] = int(v)
+            out[k] = state8bit.step_count(v, where)
             continue
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"{where}: {k} must be a tensor, got {type(v).__name__}")
@@ -98,16 +94,39 @@ def check_param_state(opt, index: int, p: torch.Tensor, st: dict) -> dict:
         want = torch.uint8 if (k in ("state1", "state2") and eightbit) else torch.float32
         if v.dtype != want:
             raise ValueError(f"{where}: {k} has dtype {v.dtype}, expected {want}")
+        _check_values(where, k, v)
         out[k] = v.detach().to(device=local.device, copy=True)
     return out
+
+
+def _check_values(where: str, key: str, v: torch.Tensor) -> None:
+    """Values of 8-bit bookkeeping tensors that a step would turn into NaN parameters.
+
+    absmax and gnorm_vec are finite and >= 0; a qmap is finite, in [-1, 1] and ascending, as
+    every map bitsandbytes and bnbfuse save is (the dynamic maps come sorted).
+    """
+    if key not in ("absmax1", "absmax2", "qmap1", "qmap2", "gnorm_vec"):
+        return
+    what = where.replace("state of parameter", f"{key} of parameter")
+    bad = int((~torch.isfinite(v)).sum())
+    if bad:
+        raise ValueError(f"{what} has {bad} NaN/Inf value(s)")
+    if key.startswith("qmap"):
+        if v.numel() and float(v.abs().max()) > 1:
+            raise ValueError(f"{what} has values outside [-1, 1] (a map is normalised)")
+        if not bool((v[1:] >= v[:-1]).all()):
+            raise ValueError(f"{what} is not sorted ascending (saved maps are)")
+    elif bool((v < 0).any()):
+        raise ValueError(f"{what} has negative values (a scale or norm is >= 0)")
 
 
 def load_state_dict(opt, state_dict: dict) -> None:
     """``opt.load_state_dict``: validates everything before changing anything."""
     name = type(opt).__name__
-    if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and "
-                         "'param_groups'")
+                         "'param_groups' (as torch.optim does: without 'state' every moment "
+                         "would be dropped)")
     state_dict = state_dict.copy()
     for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(opt, state_dict)
@@ -142,7 +161,7 @@ def load_state_dict(opt, state_dict: dict) -> None:
     index_of = {p: i for i, p in enumerate(chain.from_iterable(
         g["params"] for g in opt.param_groups))}
     new_state = {}
-    for key, st in state_dict.get("state", {}).items():
+    for key, st in state_dict["state"].items():
         if key not in id_map:
             raise ValueError(f"{name}.load_state_dict: state for unknown parameter id "
                              f"{key!r}")
@@ -215,6 +234,9 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
     """``opt.load_torch_state_dict`` (see the method's documentation)."""
     name = type(opt).__name__
     _, names = _torch_counterpart(opt)
+    if not isinstance(state_dict, dict) or "state" not in state_dict:
+        raise ValueError(f"{name}.load_torch_state_dict expects a torch.optim state dict "
+                         "with 'state' and 'param_groups'")
     saved_groups = state_dict.get("param_groups")
     if saved_groups is None or len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"{name}.load_torch_state_dict: the torch state dict has "
@@ -230,10 +252,11 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
         upd = opt._from_torch_group(tg)
         opt._validate({**g, **upd})
         updates.append(upd)
+    merged = {p: {**g, **upd} for g, upd in zip(opt.param_groups, updates) for p in g["params"]}
     id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                       chain.from_iterable(g["params"] for g in opt.param_groups)))
     new_state = {}
-    for key, tst in state_dict.get("state", {}).items():
+    for key, tst in state_dict["state"].items():
         if key not in id_map:
             raise ValueError(f"{name}.load_torch_state_dict: state for unknown parameter "
                              f"id {key!r}")
@@ -244,6 +267,8 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
         if missing:
             raise ValueError(f"{name}.load_torch_state_dict: parameter {key} lacks "
                              f"{missing} (keys: {sorted(tst)})")
+        if "step" in tst:
+            state8bit.step_count(tst["step"], f"{name}.load_torch_state_dict: parameter {key}")
         local = to_local(p)
         for k in names:
             v = tst[k]
@@ -256,6 +281,16 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
                 raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
                                  f"has shape {tuple(to_local(v).shape)}, expected "
                                  f"{tuple(local.shape)}")
+        # 8-bit blocks cannot hold NaN/Inf: one would make its block's absmax NaN and
+        # corrupt its 255 neighbours. Refused (32-bit state takes them, as torch.optim does).
+        if opt._uses_8bit(p, opt._param_config(merged[p], p)):
+            for k in names:
+                bad = int((~torch.isfinite(to_local(tst[k]))).sum())
+                if bad:
+                    raise ValueError(f"{name}.load_torch_state_dict: {k} of parameter {key} "
+                                     f"has {bad} NaN/Inf value(s), which 8-bit state cannot "
+                                     "hold; replace them (torch.nan_to_num) or load into "
+                                     "32-bit state")
         new_state[p] = tst
     for g, upd in zip(opt.param_groups, updates):
         g.update(upd)
@@ -267,8 +302,7 @@ def load_torch_state_dict(opt, state_dict: dict) -> None:
             tst = new_state[p]
             st: dict = {}
             opt._init_state(p, st, opt._param_config(group, p))
-            step = tst.get("step", 1)
-            st["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
+            st["step"] = state8bit.step_count(tst.get("step", 1), name)
             for i, k in enumerate(names, start=1):
                 state8bit.set_state(st, opt.optimizer_name, i, to_local(tst[k]))
             opt.state[p] = st

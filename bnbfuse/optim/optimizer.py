@@ -42,6 +42,31 @@ def _global_sum(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_SUM_BLOCK = 4096       # elements per partial sum of _finite_square_sum
+_SUM_CHUNK = 256 * _SUM_BLOCK  # elements converted to float64 at once (bounds the memory)
+
+
+def _finite_square_sum(g: torch.Tensor) -> torch.Tensor:
+    """sum(g**2) over the finite elements of ``g``, in float64, as a 1-element tensor.
+
+    The same bits whatever ``torch.get_num_threads()`` is: squares go into fixed blocks of
+    ``_SUM_BLOCK``, each summed by one thread (a row reduction), and the block sums are
+    reduced the same way until one block is left, which is summed serially (below torch's
+    parallel grain). A plain ``torch.sum`` splits the work by thread count.
+    """
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        pad = -x.numel() % _SUM_BLOCK
+        return torch.nn.functional.pad(x, (0, pad)).view(-1, _SUM_BLOCK).sum(1)
+
+    flat = g.reshape(-1)
+    parts = [rows(torch.where(torch.isfinite(c), c, 0).double().square_())
+             for c in flat.split(_SUM_CHUNK)] or [flat.new_zeros(1, dtype=torch.float64)]
+    total = torch.cat(parts)
+    while total.numel() > _SUM_BLOCK:
+        total = rows(total)
+    return total.sum().reshape(1)
+
+
 def _check_range(name: str, value, low: float, high: float = math.inf, *,
                  high_open: bool = False) -> None:
     v = float(value)
@@ -287,8 +312,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                                f"of shape {tuple(state['state1'].shape)}: it changed shape "
                                "after its state was created; drop the old state with "
                                "`del optimizer.state[param]` (or build a new optimizer)")
-        state["step"] += 1
-        step = state["step"]
+        step = state["step"] = state8bit.step_count(
+            state["step"], f"{name}: state of a parameter of shape {tuple(p_local.shape)}") + 1
         if p.numel() == 0:
             return
         if "gnorm_vec" not in state and cfg["percentile_clipping"] < 100:
@@ -329,19 +354,20 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Percentile clipping (Dettmers et al. 2022): the factor that brings this gradient's
         norm down to the ``percentile_clipping``-th percentile of its last 100 norms.
 
-        Non-finite elements are left out of the norm, as the update leaves them out too.
+        Non-finite elements are left out of the norm, as the update leaves them out too. The
+        norm is a fixed blocked float64 sum (``_finite_square_sum``): the same whatever the
+        thread count, as the ``max_unorm``/LAMB/LARS norms are.
         """
         pc = cfg["percentile_clipping"]
         if pc >= 100:
             return 1.0
-        g32 = g.float()
-        sq = torch.where(torch.isfinite(g32), g32, 0).square().sum().reshape(1)
-        sq = _global_sum(sq, p)
+        sq = _global_sum(_finite_square_sum(g), p)
         history = state["gnorm_vec"]
-        history[(step - 1) % len(history)] = sq[0]
+        slot = (step - 1) % len(history)
+        history[slot] = sq[0]
         seen = history[: min(step, len(history))]
         clip_sq = torch.quantile(seen.double(), pc / 100.0, interpolation="lower")
-        current, clip_sq = float(sq[0]), float(clip_sq)
+        current, clip_sq = float(history[slot]), float(clip_sq)  # both float32-rounded
         if current > clip_sq and current > 0:
             return math.sqrt(clip_sq / current)
         return 1.0
@@ -358,8 +384,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         State tensors keep their dtype (8-bit codes stay codes) and move to each parameter's
         device; they are copied, so the loaded optimizer never aliases ``state_dict``.
-        Mismatched groups, keys or shapes raise ``ValueError``; so does a ``torch.optim``
-        state dict (:meth:`load_torch_state_dict` converts those). Hooks registered with
+        Mismatched groups, keys or shapes raise ``ValueError``, and so do values a step would
+        turn into NaN parameters (NaN/Inf or negative ``absmax``; a ``qmap`` that is not
+        finite, within [-1, 1] and ascending) and a dict without ``"state"``; so does a
+        ``torch.optim`` state dict (:meth:`load_torch_state_dict` converts those). Hooks registered with
         ``register_load_state_dict_pre_hook``/``post_hook`` run as in ``torch.optim``: the
         pre-hooks on (a shallow copy of) the dict as given, the post-hooks once the state is
         loaded.
@@ -396,7 +424,9 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         The torch groups' hyper-parameters (lr, betas, eps, weight_decay, ...) replace ours;
         parameters map by position, as in ``torch.optim``. Unsupported torch settings
-        (``amsgrad=True``, ``maximize=True``, ...) raise ``ValueError``.
+        (``amsgrad=True``, ``maximize=True``, ...) raise ``ValueError``, and so does a NaN/Inf
+        moment of a parameter with 8-bit state (one would corrupt its whole 256-element
+        block); 32-bit state takes it, as ``torch.optim`` does.
         """
         checkpoint.load_torch_state_dict(self, state_dict)
         self._page_all()

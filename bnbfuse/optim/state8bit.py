@@ -31,7 +31,7 @@ from ..backends.reference.optimizer import quantize_state
 from ..ops.rules import OPTIMIZER_BLOCKSIZE, optimizer_blocks, rule
 
 __all__ = ["GRADIENT_NORM_HISTORY", "state1_shape", "expected_keys", "state_shapes",
-           "init_state", "get_state", "set_state"]
+           "step_count", "init_state", "get_state", "set_state"]
 
 GRADIENT_NORM_HISTORY = 100  # gradient norms remembered by percentile clipping
 
@@ -56,6 +56,28 @@ def state_shapes(optimizer: str, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
     return {"state1": shape1, "state2": tuple(p.shape), "qmap1": (256,), "qmap2": (256,),
             "absmax1": shape1[:len(shape1) - p.dim()] + (blocks,), "absmax2": (blocks,),
             "gnorm_vec": (GRADIENT_NORM_HISTORY,)}
+
+
+def step_count(value, where: str) -> int:
+    """A state's ``step`` as a Python int (the kernels take any count in [0, 2**63)).
+
+    Accepted: an int, or an integral float or one-element tensor (torch.optim saves a
+    float32 tensor). Anything else raises: TypeError for a str, bool or other type,
+    ValueError for a fraction, NaN, a negative count or one of 2**63 and above.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{where}: step must be a count, got a {value.dtype} tensor of "
+                            f"shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: step must be an int, got {type(value).__name__} "
+                        f"{value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{where}: step must be a whole count, got {value!r}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{where}: step must be in [0, 2**63), got {value!r}")
+    return int(value)
 
 
 def init_state(state: dict, optimizer: str, p: torch.Tensor, *, eight_bit: bool,

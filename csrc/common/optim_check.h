@@ -22,7 +22,8 @@ inline int check_optimizer_args(int opt, const void* p, const void* g, int dtype
   if (dtype != BNBF_F32 && dtype != BNBF_F16 && dtype != BNBF_BF16)
     return fail(BNBF_E_ARG, "unsupported dtype code %d", dtype);
   if (!args) return fail(BNBF_E_ARG, "args is a null pointer");
-  if (args->step < 1) return fail(BNBF_E_ARG, "step must be >= 1, got %d", (int)args->step);
+  if (args->step < 1)
+    return fail(BNBF_E_ARG, "step must be >= 1, got %lld", (long long)args->step);
   if (norms && !norms_out) return fail(BNBF_E_ARG, "out is a null pointer");
   if (n == 0) return BNBF_OK;
   if (!p || !g || !state1) return fail(BNBF_E_ARG, "null pointer among p, g, state1");

@@ -67,7 +67,7 @@ typedef struct bnbf_optim_args {
                              others: lr*update_scale */
   float lr;
   float update_scale;     /* trust ratio / max_unorm factor (in step_size) */
-  int32_t step;           /* 1-based step count after this update */
+  int64_t step;           /* 1-based step count after this update (any count below 2^63) */
   int32_t nesterov;       /* SGD */
 } bnbf_optim_args;
 

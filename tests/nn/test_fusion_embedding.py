@@ -510,3 +510,73 @@ def test_cuda_kernel_zero_row_for_bad_id_without_python_checks():
     assert torch.equal(out[1], torch.zeros(8, device=dev))
     assert torch.equal(out[2], torch.zeros(8, device=dev))
     assert torch.equal(out[3], fusion[1])
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "nf4"])
+@pytest.mark.parametrize("ids_device", ["cpu", "meta"])
+def test_meta_module_returns_meta_tensor(quant, ids_device):
+    # as nn.Embedding on meta: the output stays on meta (no uninitialised CPU memory)
+    emb = FusionEmbedding(10, 3, 8, base_quant=quant, padding_idx=0, device="meta")
+    ids = torch.tensor([[0, 1, 11]], device=ids_device)
+    out = emb(ids)
+    assert out.is_meta and out.shape == (1, 3, 8)
+    assert torch.nn.Embedding(10, 8, device="meta")(ids).is_meta
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("key", ["weight_codes", "weight"])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.int64, torch.bool])
+def test_codes_of_another_dtype_are_refused(quant, key, dtype):
+    # int16 -300..-45 would wrap into uint8 codes: refused, and nothing is loaded
+    emb = FusionEmbedding(50, 2, 40, base_quant=quant)
+    sd = emb.state_dict()
+    sd[key] = torch.linspace(-300, -45, sd.pop("weight_codes").numel()).to(dtype).view(
+        emb.embedding.weight.shape)
+    fresh = FusionEmbedding(50, 2, 40, base_quant=quant)
+    before = fresh.embedding.weight.clone()
+    with pytest.raises(RuntimeError, match=f"{key}: quantized codes must be uint8, got {dtype}"):
+        fresh.load_state_dict(sd)
+    assert torch.equal(fresh.embedding.weight, before)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("blocksize", [2**12, 2**22])
+def test_blocksize_is_capped_at_the_row_width(quant, blocksize):
+    # a block longer than a row is the row: no (rows, blocksize) padding (2**22 peaked at 4 GB)
+    torch.manual_seed(0)
+    emb = FusionEmbedding(50, 6, 40, base_quant=quant, blocksize=blocksize)
+    assert emb.embedding.blocksize == 40 and emb.blocksize == 40
+    assert emb.embedding.absmax.shape == (50, 1)
+    w = torch.randn(50, 40)
+    emb.embedding.quantize_(w)
+    row = FusionEmbedding(50, 6, 40, base_quant=quant, blocksize=40)
+    row.embedding.quantize_(w)
+    ids = torch.arange(50)
+    assert torch.equal(emb(ids), row(ids))
+    assert torch.equal(emb.embedding.dequantize(), row.embedding.dequantize())
+    q = bnb.nn.Embedding8bit(50, 40, blocksize=blocksize)
+    assert q.blocksize == 40 and q.weight_absmax.shape == (50, 1)
+    codes, absmax = rq.quantize_table(w, quant, blocksize)
+    assert absmax.shape == (50, 1) and torch.equal(codes, row.embedding.weight)
+    assert torch.equal(rq.dequantize_table(codes, absmax, quant, blocksize, 40),
+                       row.embedding.dequantize())
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "nf4"])
+@pytest.mark.parametrize("pad", [3, -1])
+def test_padding_row_starts_at_zero(quant, pad):
+    # as nn.Embedding(padding_idx=k): the padding row of a randomly built base is zero,
+    # also after the meta-device init (to_empty + each module's reset_parameters)
+    torch.manual_seed(0)
+    emb = FusionEmbedding(10, 3, 7, base_quant=quant, padding_idx=pad)
+    row = pad % 10
+    out = emb(torch.arange(13))
+    assert torch.equal(out[row], torch.zeros(7))
+    assert bool((out[torch.arange(13) != row].abs().sum(1) > 0).all())
+    meta = FusionEmbedding(10, 3, 7, base_quant=quant, padding_idx=pad, device="meta")
+    meta.to_empty(device="cpu")
+    for module in meta.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert torch.equal(meta(torch.tensor([row]))[0], torch.zeros(7))
+    assert torch.equal(torch.nn.Embedding(10, 7, padding_idx=pad).weight[row], torch.zeros(7))

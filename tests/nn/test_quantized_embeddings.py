@@ -143,3 +143,17 @@ def test_8bit_lookup_is_within_one_code_of_bitsandbytes():
     w = fp.weight.detach()
     assert (ours(ids) - w).abs().mean() <= (ref(ids) - w).abs().mean() * 1.05
     assert rq.SCHEMES[0] == "int8"
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("key", ["weight_codes", "weight"])
+def test_codes_of_another_dtype_are_refused(cls, key):
+    q = cls(20, 64)
+    sd = q.state_dict()
+    sd[key] = (sd.pop("weight_codes").to(torch.int16) - 300)  # would wrap into uint8
+    fresh = cls(20, 64)
+    before = fresh.weight.clone()
+    with pytest.raises(RuntimeError, match=f"{key}: quantized codes must be uint8, got "
+                                           "torch.int16"):
+        fresh.load_state_dict(sd)
+    assert torch.equal(fresh.weight, before)

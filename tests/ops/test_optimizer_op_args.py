@@ -105,3 +105,36 @@ def test_fake_impls_trace_under_torch_compile():
         q1, q2 = mode.from_tensor(q1), mode.from_tensor(q2)
         out_f = step(*fake)
     assert out_f.shape == out_e.shape and out_f.dtype == out_e.dtype
+
+
+# ---- step counts past int32 ---------------------------------------------------------------
+@native
+@pytest.mark.parametrize("step", [2**31, 2**32 + 1, 2**40 + 7], ids=str)
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["32bit", "8bit"])
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "lars"])
+def test_step_counts_past_int32_reach_the_kernel(opt, eight_bit, step):
+    # The C API's step is int64: 2**31 was refused as negative and 2**32 + 1 wrapped to 1,
+    # which restarts SGD/LARS momentum (the buffer is set to d on step 1).
+    from optimizer_cases import bits_equal, grads, make_state, run_update
+
+    upd = ops.optimizer_update_8bit_blockwise if eight_bit else ops.optimizer_update_32bit
+    ref = R.optimizer_update_8bit_blockwise if eight_bit else R.optimizer_update_32bit
+    p0 = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    pn, pr = p0.clone(), p0.clone()
+    sn = make_state(opt, 300, eight_bit)
+    sr = clone_all(sn)
+    g = grads(300, torch.float32, seed=2)
+    run_update(upd, opt, pn, g, sn, eight_bit, step)
+    run_update(ref, opt, pr, g, sr, eight_bit, step)
+    assert bits_equal(pn, pr)
+    for a, b in zip(sn, sr):
+        assert bits_equal(a, b)
+    restarted = clone_all(sr)
+    run_update(ref, opt, p0.clone(), g, restarted, eight_bit, 1)
+    if opt != "adamw":
+        assert not bits_equal(sr[0], restarted[0])
+
+
+def test_step_count_too_large_for_int64_is_refused():
+    with pytest.raises(ValueError, match="step"):
+        optimizer_scalars("adamw", KernelHyperparams(lr=1e-3, beta1=0.9, step=2**63))

@@ -639,3 +639,25 @@ def test_python_m_bnbfuse_lists_optimizers_importable_as_bnb():
         for suffix in ("", "8bit", "32bit"):
             assert issubclass(getattr(bnb.optim, name + suffix), torch.optim.Optimizer)
     assert bnbfuse.optim.GlobalOptimManager is bo.GlobalOptimManager
+
+
+def test_percentile_clipping_does_not_depend_on_the_thread_count():
+    # The gradient norm is a fixed blocked float64 sum: the same bits with 1 or 2 threads
+    # (a float32 torch.sum splits differently per thread count).
+    def run(threads):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.nn.Parameter(torch.randn(300_000, generator=gen))
+            opt = bo.Adam8bit([w], lr=1e-3, percentile_clipping=5)
+            for _ in range(50):
+                w.grad = torch.randn(300_000, generator=gen) * (1 + 1e3 * torch.rand(1, generator=gen))
+                opt.step()
+            return w.detach().clone(), opt.state[w]["gnorm_vec"].clone()
+        finally:
+            torch.set_num_threads(saved)
+
+    (w1, h1), (w2, h2) = run(1), run(2)
+    assert torch.equal(h1, h2)
+    assert torch.equal(w1, w2)

@@ -374,3 +374,110 @@ def test_torch_state_dict_without_decoupled_weight_decay_key():
     a = bo.Adam8bit(m.parameters())
     a.load_torch_state_dict(copy.deepcopy(sd))  # coupled L2, as torch.optim.Adam loads it
     assert a.param_groups[0]["weight_decay"] == 0.1
+
+
+def _set(key, fn):
+    def corrupt(sd):
+        st = sd["state"][0]
+        st[key] = fn(st[key].clone())
+    return corrupt
+
+
+def _poke(value, index=0):
+    def fn(t):
+        t.view(-1)[index] = value
+        return t
+    return fn
+
+
+# Values a step would turn into NaN parameters: refused, naming the key and the parameter.
+@pytest.mark.parametrize("corrupt, match", [
+    (_set("absmax1", _poke(float("nan"))), "absmax1 of parameter 0 .*NaN/Inf"),
+    (_set("absmax2", _poke(float("inf"), 1)), "absmax2 of parameter 0 .*NaN/Inf"),
+    (_set("absmax1", _poke(-0.5)), "absmax1 of parameter 0 .*negative"),
+    (_set("qmap1", _poke(float("nan"), 7)), "qmap1 of parameter 0 .*NaN/Inf"),
+    (_set("qmap2", _poke(float("-inf"))), "qmap2 of parameter 0 .*NaN/Inf"),
+    (_set("qmap1", lambda q: q.flip(0)), "qmap1 of parameter 0 .*ascending"),
+    (_set("qmap2", _poke(0.5, 3)), "qmap2 of parameter 0 .*ascending"),
+    (_set("qmap1", lambda q: q * 4), r"qmap1 of parameter 0 .*\[-1, 1\]"),
+    (lambda sd: sd.pop("state"), "'state'"),
+], ids=["nan-absmax", "inf-absmax", "negative-absmax", "nan-qmap", "inf-qmap",
+        "unsorted-qmap", "unsorted-qmap2", "qmap-out-of-range", "no-state-key"])
+def test_state_dict_values_are_checked(corrupt, match):
+    m, o = _trained()
+    sd = copy.deepcopy(o.state_dict())
+    corrupt(sd)
+    fresh = bo.AdamW8bit(m.parameters())
+    _train(m, fresh, 1, seed=5)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(sd)
+    after = fresh.state_dict()  # nothing changed
+    for k, st in before["state"].items():
+        for key, v in st.items():
+            assert torch.equal(torch.as_tensor(after["state"][k][key]), torch.as_tensor(v))
+
+
+def test_load_torch_state_dict_without_state_key_raises():
+    m = _model()
+    t = torch.optim.AdamW(m.parameters())
+    _train(m, t, 1, seed=0)
+    sd = t.state_dict()
+    del sd["state"]
+    ours = bo.AdamW8bit(m.parameters())
+    with pytest.raises(ValueError, match="'state'"):
+        ours.load_torch_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_torch_state_dict_refuses_non_finite_8bit_state(bad):
+    # One NaN in exp_avg would make its whole 256-element block's absmax NaN: refused,
+    # nothing is loaded. 32-bit state takes it as torch.optim does.
+    m = _model()
+    t = torch.optim.AdamW(m.parameters())
+    _train(m, t, 1, seed=0)
+    sd = t.state_dict()
+    sd["state"][0]["exp_avg"].view(-1)[300] = bad
+    ours = bo.AdamW8bit(m.parameters())
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has 1 NaN/Inf value"):
+        ours.load_torch_state_dict(sd)
+    assert not ours.state
+    wide = bo.AdamW32bit(m.parameters())
+    wide.load_torch_state_dict(sd)
+    s1 = wide.state[m[0].weight]["state1"].view(-1)
+    torch.testing.assert_close(s1[300], torch.tensor(bad), equal_nan=True)
+    assert torch.isfinite(s1[:300]).all()
+
+
+@pytest.mark.parametrize("bad", ["3", 2.5, -1, True, torch.tensor([1.0, 2.0])],
+                         ids=["str", "fraction", "negative", "bool", "tensor-of-2"])
+def test_step_that_is_not_a_count_is_refused(bad):
+    m, o = _trained()
+    sd = copy.deepcopy(o.state_dict())
+    sd["state"][0]["step"] = bad
+    with pytest.raises((TypeError, ValueError), match="step"):
+        bo.AdamW8bit(m.parameters()).load_state_dict(sd)
+    t = torch.optim.AdamW(m.parameters())
+    _train(m, t, 1, seed=0)
+    tsd = t.state_dict()
+    tsd["state"][0]["step"] = bad
+    with pytest.raises((TypeError, ValueError), match="step"):
+        bo.AdamW8bit(m.parameters()).load_torch_state_dict(tsd)
+    o.state[m[0].weight]["step"] = bad  # set by hand in the live state
+    with pytest.raises((TypeError, ValueError), match="step"):
+        _train(m, o, 1, seed=1)
+
+
+def test_step_counts_past_int32_train_and_round_trip():
+    m, o = _trained()
+    for st in o.state.values():
+        st["step"] = 2**32
+    _train(m, o, 1, seed=1)
+    assert {st["step"] for st in o.state.values()} == {2**32 + 1}
+    fresh = bo.AdamW8bit(m.parameters())
+    fresh.load_state_dict(_roundtrip(o.state_dict()))
+    assert {st["step"] for st in fresh.state.values()} == {2**32 + 1}
+    fresh.load_state_dict({**o.state_dict(), "state": {
+        k: {**v, "step": torch.tensor(2**32 + 1, dtype=torch.int64)}
+        for k, v in o.state_dict()["state"].items()}})
+    assert {st["step"] for st in fresh.state.values()} == {2**32 + 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.quantize import nearest_thresholds
+from ...ops.quantize import nearest_thresholds, one_block_at_most
 
 
 def quantize_to_map(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -17,12 +17,6 @@ def quantize_to_map(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1).contiguous()
     rank = torch.searchsorted(thr, flat, right=True).clamp_(max=255).masked_fill_(flat.isnan(), 0)
     return order[rank].to(torch.uint8).view(x.shape)
-
-
-def one_block_at_most(n: int, blocksize: int) -> int:
-    """A block longer than the tensor is the tensor: the same blocks, without padding a
-    5-element tensor to a blocksize of 2**63 - 1."""
-    return min(blocksize, max(n, 1))
 
 
 def blocks_of(A: torch.Tensor, blocksize: int) -> torch.Tensor:
