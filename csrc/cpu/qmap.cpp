@@ -67,12 +67,19 @@ static void build_runs(QuantMap& m) {
     const double top = (jr + len < np ? P[jr + len] : 1.0) / H;
     const double d_abs = A / H + jr + 1, u_abs = top + jr + 2;
     const double err = kMargin / 16 + top * std::ldexp(1.0, -20) +
-                       (top + d_abs + u_abs) * std::ldexp(1.0, -23) + A / H * kLower;
+                       (top + d_abs + u_abs) * std::ldexp(1.0, -23) + top * kLower;
     if (err > 0.75 * kMargin) return;
+    // No clamp to the run: m below its first threshold (down to just above the previous
+    // run's last one) must still count jr, and m above its last (up to the next run's
+    // selection, or up to about 1 in the last run) must count jr + len.
+    const double below = jr == 0 ? A : A - P[jr - 1];
+    const double last = A + (len - 1) * H;
+    const double above = (jr + len < np ? P[jr + len - 1] * (1 + kLower) : 1.0 + 0x1p-21) - last;
+    // (below <= H puts the region's lowest u at or above jr; up to kMargin / 8 more puts it
+    // within the margin of jr, where lanes are flagged.)
+    if (below > H * (1 + kMargin / 8) || above > H * (1 - 2 * kMargin)) return;
     t.C[nruns] = (float)(1.0 / H);
     t.D[nruns] = (float)(A / H - 1.0 - jr);
-    t.j_lo[nruns] = jr;
-    t.j_hi[nruns] = jr + len;
     starts.push_back(jr);
     ++nruns;
     jr += len;
@@ -80,21 +87,20 @@ static void build_runs(QuantMap& m) {
   for (int r = nruns; r < 32; ++r) {
     t.C[r] = 0.f;
     t.D[r] = 0.f;
-    t.j_lo[r] = t.j_hi[r] = 0;
   }
+  // Run q serves m from just above the previous run's last threshold (lowered bound:
+  // lanes between that threshold and the bound are near an integer in the earlier run).
+  auto selects = [&](int q) { return P[starts[q] - 1] * (1 + kLower); };
   for (int o = 0; o < 32; ++o) {
     const double lo = std::ldexp(1.0, o - 31), hi = 2 * lo;  // exponent field 96 + o
     int r = 0;
-    while (r + 1 < nruns && P[starts[r + 1]] * (1 - kLower) <= lo) ++r;
+    while (r + 1 < nruns && selects(r + 1) <= lo) ++r;
     t.run_lo[o] = r;
     t.bound1[o] = t.bound2[o] = std::numeric_limits<float>::infinity();
     int inside = 0;
-    for (int q = r + 1; q < nruns; ++q) {
-      const double b = P[starts[q]] * (1 - kLower);
-      if (b >= hi) break;
-      if (q != r + 1 + inside) return;
-      (inside == 0 ? t.bound1 : t.bound2)[o] = (float)b;
+    for (int q = r + 1; q < nruns && selects(q) < hi; ++q) {
       if (++inside > 2) return;
+      (inside == 1 ? t.bound1 : t.bound2)[o] = (float)selects(q);
     }
   }
   t.zero_index = z;

@@ -20,20 +20,22 @@ namespace bnbf {
 // the P_j to within an ulp (checked at build; lanes that close to a threshold are redone
 // exactly), so both count P_j <= m for m = |y|, and the index is clamped at 0.
 // The P_j fall into at most 32 runs of (almost exactly) equal spacing. In run r, which
-// starts at P_{j_r}, the count is clamp(floor(m * C[r] - D[r]), j_r, j_r + L_r). The run of
-// m comes from its binary octave (exponent & 31; m < 2^-31 counts nothing): octave o
-// starts in run run_lo[o] and holds at most two run starts, at bound1[o] and bound2[o]
-// (+inf if none), lowered by 2^-21 relatively so that lanes near it land in the later run, where they are
-// near an integer and get flagged. A lane is flagged, and redone with exact division and
-// threshold count, when m * C - D lies within 2^-11 of an integer. build_runs proves
-// that margin covers the model error, the reciprocal-multiply error and float rounding.
+// starts at P_{j_r}, the count is floor(m * C[r] - D[r]); a run serves m from just above
+// the previous run's last threshold to just above its own last one (build_runs checks
+// that the formula needs no clamp there). The run of m comes from its binary octave
+// (exponent field, at least 96, & 31; all m < 2^-30 share octave 0): octave o starts in
+// run run_lo[o] and holds at most two run selections, at bound1[o] and bound2[o] (+inf if
+// none), each 2^-21 relatively above the earlier run's last threshold, so that lanes near
+// it stay in the earlier run, where they are near an integer and get flagged. A lane is
+// flagged, and redone with exact division and threshold count, when m * C - D lies within
+// 2^-11 of an integer. build_runs proves that margin covers the model error, the
+// reciprocal-multiply error and float rounding.
 struct RunTables {
   bool usable = false;
   int32_t zero_index;             // z
   alignas(64) float bound1[32], bound2[32];  // per octave
   alignas(64) int32_t run_lo[32]; // per octave
   alignas(64) float C[32], D[32]; // per run
-  alignas(64) int32_t j_lo[32], j_hi[32];
 };
 
 struct QuantMap {

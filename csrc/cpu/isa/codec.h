@@ -8,12 +8,14 @@
 namespace bnbf {
 namespace BNBF_ISA_NS {
 
-// out[i] = code index nearest x[i] / absmax (see quantize_scaled)
+// out[i] = code index nearest x[i] / absmax (see quantize_scaled). nonnegative: a hint
+// that no x has its sign bit set.
 inline void encode_block(const QuantMap& m, const float* x, float absmax, uint8_t* out,
-                         int64_t n, bool keep_positive = false) {
+                         int64_t n, bool keep_positive = false, bool nonnegative = false) {
 #if defined(BNBF_HAVE_VBMI_PRIMITIVES)
-  quantize_fast(m, x, absmax, out, n, keep_positive);
+  quantize_fast(m, x, absmax, out, n, keep_positive, nonnegative);
 #else
+  (void)nonnegative;
   quantize_scaled(m, x, absmax, out, n, keep_positive);
 #endif
 }

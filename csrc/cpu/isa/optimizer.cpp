@@ -179,16 +179,19 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       const QuantMap &q1 = *c.map1, *q2 = c.map2;
       float m = state_scale(ext[0].pos_bits, ext[0].neg_bits, q1.q_pos, q1.q_neg);
       c.absmax1[b] = m;
-      encode_block(*c.map1, S1, m, codes1 + start, len, T::keep_positive1);
+      encode_block(*c.map1, S1, m, codes1 + start, len, T::keep_positive1,
+                   ext[0].neg_bits == 0);
       if (T::has_m2) {
         m = state_scale(ext[1].pos_bits, ext[1].neg_bits, q1.q_pos, q1.q_neg);
         c.absmax1[c.nblocks + b] = m;
-        encode_block(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1);
+        encode_block(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1,
+                     ext[1].neg_bits == 0);
       }
       if (T::two_state) {
         m = state_scale(ext[2].pos_bits, ext[2].neg_bits, q2->q_pos, q2->q_neg);
         c.absmax2[b] = m;
-        encode_block(*c.map2, S2, m, codes2 + start, len, T::keep_positive2);
+        encode_block(*c.map2, S2, m, codes2 + start, len, T::keep_positive2,
+                     ext[2].neg_bits == 0);
       }
     }
   }

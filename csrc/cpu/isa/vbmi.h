@@ -60,8 +60,9 @@ inline void dequantize_planes(const QuantMap& m, const uint8_t* c, float absmax,
 // ---- arithmetic exact nearest (RunTables, qmap.h) -----------------------------------------
 struct RunRegs {
   __m512 bound1[2], bound2[2], C[2], D[2];
-  __m512i run_lo[2], j_lo[2], j_hi[2];
+  __m512i run_lo[2];
   __m512i zero_index, zero_code, min_positive_code;
+  bool unsigned_like;  // zero code 0 and smallest positive code 1 (the unsigned maps)
   explicit RunRegs(const QuantMap& m) {
     const RunTables& t = m.runs;
     for (int h = 0; h < 2; ++h) {
@@ -70,55 +71,57 @@ struct RunRegs {
       C[h] = _mm512_load_ps(t.C + 16 * h);
       D[h] = _mm512_load_ps(t.D + 16 * h);
       run_lo[h] = _mm512_load_si512(t.run_lo + 16 * h);
-      j_lo[h] = _mm512_load_si512(t.j_lo + 16 * h);
-      j_hi[h] = _mm512_load_si512(t.j_hi + 16 * h);
     }
     zero_index = _mm512_set1_epi32(t.zero_index);
     zero_code = _mm512_set1_epi32(m.zero_code);
     min_positive_code = _mm512_set1_epi32(m.min_positive_code);
+    unsigned_like = m.zero_code == 0 && m.min_positive_code == 1;
   }
 };
 
 // Codes of 16 values x (finite, |x| <= about 1 / r): returns the lanes to redo exactly.
-template <bool KEEP_POSITIVE>
+// NONNEG: the caller knows no x has its sign bit set (a second moment).
+template <bool KEEP_POSITIVE, bool NONNEG>
 inline __mmask16 nearest16(const RunRegs& R, __m512 x, __m512 r, __m128i* codes) {
   const __m512 y = _mm512_mul_ps(x, r);
   const __m512i yb = _mm512_castps_si512(y);
-  const __m512i mb = _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i mb = NONNEG ? yb : _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF));
   const __m512 m = _mm512_castsi512_ps(mb);
-  const __m512i e = _mm512_srli_epi32(mb, 23);  // the octave is its low 5 bits
+  // The octave is the low 5 bits of the exponent field, raised to at least 96 (2^-31).
+  const __m512i e = _mm512_max_epi32(_mm512_srli_epi32(mb, 23), _mm512_set1_epi32(96));
   const __m512 bound1 = _mm512_permutex2var_ps(R.bound1[0], e, R.bound1[1]);
   const __m512 bound2 = _mm512_permutex2var_ps(R.bound2[0], e, R.bound2[1]);
   const __m512i one = _mm512_set1_epi32(1);
   __m512i run = _mm512_permutex2var_epi32(R.run_lo[0], e, R.run_lo[1]);
   run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(m, bound1, _CMP_GE_OQ), run, one);
   run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(m, bound2, _CMP_GE_OQ), run, one);
-  const __m512 C = _mm512_permutex2var_ps(R.C[0], run, R.C[1]);
-  const __m512 D = _mm512_permutex2var_ps(R.D[0], run, R.D[1]);
-  const __m512 u = _mm512_fmsub_ps(m, C, D);
-  __m512i cnt = _mm512_cvttps_epi32(u);
-  cnt = _mm512_max_epi32(cnt, _mm512_permutex2var_epi32(R.j_lo[0], run, R.j_lo[1]));
-  cnt = _mm512_min_epi32(cnt, _mm512_permutex2var_epi32(R.j_hi[0], run, R.j_hi[1]));
-  const __m512 frac = _mm512_sub_ps(u, _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT |
-                                                                   _MM_FROUND_NO_EXC));
-  __mmask16 redo = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0x1p-11f), _CMP_LT_OQ);
-  const __mmask16 tiny = _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(96));  // m < 2^-31
-  cnt = _mm512_maskz_mov_epi32((__mmask16)~tiny, cnt);
-  redo &= (__mmask16)~tiny;
-  const __mmask16 neg = _mm512_movepi32_mask(yb);
-  __m512i idx = _mm512_mask_sub_epi32(_mm512_add_epi32(R.zero_index, cnt), neg, R.zero_index, cnt);
-  idx = _mm512_max_epi32(idx, _mm512_setzero_si512());
+  const __m512 u = _mm512_fmsub_ps(m, _mm512_permutex2var_ps(R.C[0], run, R.C[1]),
+                                   _mm512_permutex2var_ps(R.D[0], run, R.D[1]));
+  const __m512i cnt = _mm512_cvttps_epi32(u);  // u >= 0 (build_runs)
+  // u - round(u) in one vreduceps; lanes within the margin of an integer are redone.
+  const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 redo = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0x1p-11f),
+                                            _CMP_LT_OQ);
+  __m512i idx = _mm512_add_epi32(R.zero_index, cnt);
+  if (!NONNEG) {
+    idx = _mm512_mask_sub_epi32(idx, _mm512_movepi32_mask(yb), R.zero_index, cnt);
+    idx = _mm512_max_epi32(idx, _mm512_setzero_si512());
+  }
   if (KEEP_POSITIVE) {
-    const __mmask16 fix = _mm512_cmpeq_epi32_mask(idx, R.zero_code) &
-                          _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
-    idx = _mm512_mask_mov_epi32(idx, fix, R.min_positive_code);
+    const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    if (R.unsigned_like) {  // zero code 0 -> 1 where x > 0
+      idx = _mm512_mask_max_epi32(idx, positive, idx, one);
+    } else {
+      const __mmask16 fix = _mm512_cmpeq_epi32_mask(idx, R.zero_code) & positive;
+      idx = _mm512_mask_mov_epi32(idx, fix, R.min_positive_code);
+    }
   }
   *codes = _mm512_cvtepi32_epi8(idx);
   return redo;
 }
 
 // quantize_scaled's result, by nearest16 where the map and the block allow it.
-template <bool KEEP_POSITIVE>
+template <bool KEEP_POSITIVE, bool NONNEG>
 inline void quantize_runs_impl(const QuantMap& m, const float* x, float absmax, uint8_t* out,
                                int64_t n) {
   const RunRegs R(m);
@@ -130,23 +133,29 @@ inline void quantize_runs_impl(const QuantMap& m, const float* x, float absmax, 
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m128i codes;
-    const __mmask16 redo = nearest16<KEEP_POSITIVE>(R, _mm512_loadu_ps(x + i), r, &codes);
+    const __mmask16 redo = nearest16<KEEP_POSITIVE, NONNEG>(R, _mm512_loadu_ps(x + i), r, &codes);
     _mm_storeu_si128((__m128i*)(out + i), codes);
     for (unsigned k = redo; k; k &= k - 1) exact(i + __builtin_ctz(k));
   }
   for (; i < n; ++i) exact(i);
 }
 
+// nonnegative: no x has its sign bit set (the caller tracked it, as the optimizer does).
 inline void quantize_fast(const QuantMap& m, const float* x, float absmax, uint8_t* out,
-                          int64_t n, bool keep_positive = false) {
+                          int64_t n, bool keep_positive = false, bool nonnegative = false) {
   // 1 / absmax must be finite and x * (1 / absmax) within about 1: other blocks (zero,
   // tiny, non-finite absmax) take the exact path.
   if (!m.runs.usable || !(absmax >= 0x1p-100f && absmax <= 3.40282347e+38f)) {
     quantize_scaled(m, x, absmax, out, n, keep_positive);
     return;
   }
-  if (keep_positive) quantize_runs_impl<true>(m, x, absmax, out, n);
-  else quantize_runs_impl<false>(m, x, absmax, out, n);
+  if (keep_positive) {
+    if (nonnegative) quantize_runs_impl<true, true>(m, x, absmax, out, n);
+    else quantize_runs_impl<true, false>(m, x, absmax, out, n);
+  } else {
+    if (nonnegative) quantize_runs_impl<false, true>(m, x, absmax, out, n);
+    else quantize_runs_impl<false, false>(m, x, absmax, out, n);
+  }
 }
 
 }  // namespace BNBF_ISA_NS
