@@ -39,9 +39,11 @@ BNBF_API int bnbf_cpu_optimizer_update_8bit_blockwise(
     return rc;
   if (n == 0) return BNBF_OK;
   const bool two = optimizer_two_state(optimizer);
-  const QuantMap* map2 = two ? &quant_map(qmap2) : nullptr;
+  // Held for the call: the map cache may evict them meanwhile (qmap.h).
+  const auto map1 = quant_map(qmap1);
+  const auto map2 = two ? quant_map(qmap2) : nullptr;
   if (!BNBF_CPU_CALL(optimizer_update_8bit, optimizer, p, g, dtype, state1, two ? state2 : nullptr,
-                     absmax1, two ? absmax2 : nullptr, quant_map(qmap1), map2, *args, n,
+                     absmax1, two ? absmax2 : nullptr, *map1, map2.get(), *args, n,
                      num_threads))
     return unknown(optimizer);
   return BNBF_OK;
@@ -71,9 +73,10 @@ BNBF_API int bnbf_cpu_optimizer_norms_8bit_blockwise(
     return rc;
   if (n == 0) return BNBF_OK;
   const bool two = optimizer_two_state(optimizer);
-  const QuantMap* map2 = two ? &quant_map(qmap2) : nullptr;
+  const auto map1 = quant_map(qmap1);
+  const auto map2 = two ? quant_map(qmap2) : nullptr;
   if (!BNBF_CPU_CALL(optimizer_norms_8bit, optimizer, p, g, dtype, state1, two ? state2 : nullptr,
-                     absmax1, two ? absmax2 : nullptr, quant_map(qmap1), map2, *args, n, out,
+                     absmax1, two ? absmax2 : nullptr, *map1, map2.get(), *args, n, out,
                      num_threads))
     return unknown(optimizer);
   return BNBF_OK;

@@ -1,6 +1,7 @@
 // C API of the blockwise quantization kernels: argument checks, then the active ISA.
 #include "bnbfuse.h"
 #include "kernels.h"
+#include "qmap.h"
 #include "runtime.h"
 
 using namespace bnbf;
@@ -20,7 +21,7 @@ BNBF_API int bnbf_cpu_quantize_blockwise(const float* code, const void* A, int d
                                          int64_t n, int num_threads) {
   if (int rc = check_common(code, A, absmax, out, dtype, blocksize, n)) return rc;
   if (n == 0) return BNBF_OK;
-  BNBF_CPU_CALL(quantize_blockwise, quant_map(code), A, dtype, absmax, out, blocksize, n,
+  BNBF_CPU_CALL(quantize_blockwise, *quant_map(code), A, dtype, absmax, out, blocksize, n,
                 num_threads);
   return BNBF_OK;
 }
@@ -30,7 +31,9 @@ BNBF_API int bnbf_cpu_dequantize_blockwise(const float* code, const uint8_t* A,
                                            int64_t blocksize, int64_t n, int num_threads) {
   if (int rc = check_common(code, A, absmax, out, dtype, blocksize, n)) return rc;
   if (n == 0) return BNBF_OK;
-  BNBF_CPU_CALL(dequantize_blockwise, quant_map(code), A, absmax, out, dtype, blocksize, n,
+  BNBF_CPU_CALL(dequantize_blockwise, *quant_map(code), A, absmax, out, dtype, blocksize, n,
                 num_threads);
   return BNBF_OK;
 }
+
+BNBF_API int bnbf_cpu_qmap_cache_size(void) { return quant_map_cache_size(); }

@@ -156,18 +156,89 @@ static void build(QuantMap& m, const float* code) {
   std::memset(m.guess + 65536, 0, 4);
 }
 
-const QuantMap& quant_map(const float* code) {
-  static std::mutex mu;
-  static std::vector<std::unique_ptr<QuantMap>> cache;
-  static const QuantMap* last = nullptr;
-  std::lock_guard<std::mutex> lk(mu);
-  if (last && std::memcmp(last->code, code, sizeof(last->code)) == 0) return *last;
-  for (auto& m : cache)
-    if (std::memcmp(m->code, code, sizeof(m->code)) == 0) return *(last = m.get());
-  auto m = std::make_unique<QuantMap>();
-  build(*m, code);
-  cache.push_back(std::move(m));  // never evicted: callers keep references
-  return *(last = cache.back().get());
+static void build_packed(const QuantMap& m, PackedNearest& p) {
+  uint32_t tk[255];
+  for (int k = 0; k < 255; ++k) {
+    if (std::isnan(m.thr[k])) return;  // unusable
+    tk[k] = float_ukey(m.thr[k]);
+    if (k > 0 && tk[k] < tk[k - 1]) return;
+  }
+  int k = 0;
+  for (uint32_t B = 0; B < 65536; ++B) {
+    const uint32_t lo = B << 16, hi = lo | 0xFFFFu;
+    while (k < 255 && tk[k] < lo) ++k;  // k = thresholds below the bin
+    int inside = 0;
+    while (k + inside < 255 && tk[k + inside] <= hi) ++inside;
+    if (inside > 1) return;  // unusable: two thresholds in one bin
+    const uint32_t t = inside ? (tk[k] & 0xFFFFu) : 0u;
+    if (!inside) p.entry[B] = (uint32_t)k << 16;
+    else if (t == 0) p.entry[B] = (uint32_t)(k + 1) << 16;
+    else p.entry[B] = ((uint32_t)k << 16) | (0x10000u - t);
+  }
+  // -0 and +0 share an index unless a threshold key lies in (ukey(-0), ukey(+0)].
+  p.zero_safe = true;
+  for (int j = 0; j < 255; ++j)
+    if (tk[j] == 0x80000000u) p.zero_safe = false;
+  p.usable = true;
+}
+
+const PackedNearest& QuantMap::packed_nearest() const {
+  std::call_once(packed_once_, [this] {
+    auto p = std::make_unique<PackedNearest>();
+    build_packed(*this, *p);
+    packed_ = std::move(p);
+  });
+  return *packed_;
+}
+
+namespace {
+
+struct CacheEntry {
+  uint64_t hash;
+  std::shared_ptr<const QuantMap> map;
+};
+
+// FNV-1a over the 1 KiB of map bits: a cheap filter before the full compare.
+uint64_t hash_code(const float* code) {
+  unsigned char bytes[256 * sizeof(float)];
+  std::memcpy(bytes, code, sizeof(bytes));
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char b : bytes) h = (h ^ b) * 1099511628211ull;
+  return h;
+}
+
+std::mutex cache_mu;
+std::vector<CacheEntry> cache;  // most recently used first
+
+}  // namespace
+
+std::shared_ptr<const QuantMap> quant_map(const float* code) {
+  const uint64_t h = hash_code(code);
+  {
+    std::lock_guard<std::mutex> lk(cache_mu);
+    for (size_t i = 0; i < cache.size(); ++i) {
+      if (cache[i].hash != h || std::memcmp(cache[i].map->code, code, 256 * sizeof(float)))
+        continue;
+      if (i) std::rotate(cache.begin(), cache.begin() + i, cache.begin() + i + 1);
+      return cache.front().map;
+    }
+  }
+  // Built outside the lock (about a millisecond); two threads may build the same map, and
+  // the second insertion then finds the first.
+  auto built = std::make_shared<QuantMap>();
+  build(*built, code);
+  std::lock_guard<std::mutex> lk(cache_mu);
+  for (size_t i = 0; i < cache.size(); ++i)
+    if (cache[i].hash == h && !std::memcmp(cache[i].map->code, code, 256 * sizeof(float)))
+      return cache[i].map;
+  cache.insert(cache.begin(), CacheEntry{h, built});
+  if ((int)cache.size() > kQuantMapCacheSize) cache.pop_back();  // freed when its last user ends
+  return built;
+}
+
+int quant_map_cache_size() {
+  std::lock_guard<std::mutex> lk(cache_mu);
+  return (int)cache.size();
 }
 
 }  // namespace bnbf

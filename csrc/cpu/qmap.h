@@ -10,6 +10,9 @@
 // (`one_step`, checked when the map is built; otherwise kernels binary-search).
 #pragma once
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
 
 namespace bnbf {
 
@@ -38,6 +41,40 @@ struct RunTables {
   alignas(64) float C[32], D[32]; // per run
 };
 
+// One-lookup nearest rounding (the AVX2 kernels, csrc/cpu/isa/blockquant.h).
+// Floats ordered as unsigned integers: ukey(x) = bits ^ 0x80000000 for x >= +0 and ~bits for
+// x < 0, so x <= y <=> ukey(x) <= ukey(y) (-0 is first turned into +0 by adding +0).
+// The nearest sorted index of x is the count of thresholds <= x (qmap.h). For each 16-bit
+// bin B of ukeys (the floats whose ukey >> 16 == B), `entry[B]` holds that count in one add:
+//   entry[B] = base << 16 | (0x10000 - t)   (t: low 16 bits of the one threshold in the bin)
+//   entry[B] = base << 16                    (no threshold in the bin, or t == 0 counted
+//                                             in base)
+// where base counts the thresholds below the bin, so that
+//   sorted index = (entry[B] + (ukey & 0xFFFF)) >> 16,
+// the carry out of the low half being exactly [ukey & 0xFFFF >= t]. Usable when no bin
+// holds two thresholds and none is NaN (true for the dynamic maps); NaN inputs use key 0,
+// whose bin holds no threshold and starts below every float: the index of the smallest
+// value, as QuantMap::nearest gives. Maps whose codes are not already ascending translate
+// the index through sorted_to_code afterwards.
+// This is the one exact table behind quantize_scaled (functional quantize and the optimizer
+// requantization). The table spans 256 KiB, but values of one block scaled by its absmax lie
+// in [-1, 1] and mostly within a few decades, so the bins actually touched are a few KiB and
+// stay in L1/L2 beside the kernels' buffers.
+struct PackedNearest {
+  bool usable = false;
+  // No threshold lies between -0 and the smallest positive subnormal: -0 then needs no
+  // "+ 0" to share +0's index (its ukey sits one below +0's, in the bin below).
+  bool zero_safe = false;
+  alignas(64) uint32_t entry[65536];
+};
+
+inline uint32_t float_ukey(float x) {
+  x += 0.f;
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
 struct QuantMap {
   float code[256];            // as given (index = stored code)
   float sorted[256];          // ascending
@@ -58,6 +95,12 @@ struct QuantMap {
   alignas(64) uint8_t planes[4][256];
   RunTables runs;
 
+ private:
+  mutable std::once_flag packed_once_;
+  mutable std::unique_ptr<PackedNearest> packed_;
+
+ public:
+
   // Exact nearest index (into code) of a float; used by scalar tails and as the spec.
   inline uint8_t nearest(float x) const {
     uint32_t bits;
@@ -76,13 +119,23 @@ struct QuantMap {
     return sorted_to_code[j];
   }
 
+  // The packed table, built on first use (only the AVX2 kernels need it; 256 KiB) and owned
+  // by the map, so it lives exactly as long as the map.
+  const PackedNearest& packed_nearest() const;
+
   inline uint8_t nearest_keep_positive(float x, float original) const {
     uint8_t c = nearest(x);
     return (c == zero_code && original > 0.f) ? min_positive_code : c;
   }
 };
 
-// Cached per distinct 256-float map; thread-safe; the reference stays valid forever.
-const QuantMap& quant_map(const float* code);
+// The prepared map of a 256-float code, from a cache of the most recently used maps (at most
+// kQuantMapCacheSize; a program that quantizes with ever new maps stays bounded). The
+// caller holds the returned reference for the duration of its kernel call, so eviction by
+// another thread never frees a map in use. Thread-safe.
+constexpr int kQuantMapCacheSize = 64;
+std::shared_ptr<const QuantMap> quant_map(const float* code);
+// Number of maps the cache holds now (tests).
+int quant_map_cache_size();
 
 }  // namespace bnbf

@@ -94,6 +94,8 @@ BNBF_API int bnbf_cpu_quantize_blockwise(const float* code, const void* A, int d
 BNBF_API int bnbf_cpu_dequantize_blockwise(const float* code, const uint8_t* A,
                                            const float* absmax, void* out, int dtype,
                                            int64_t blocksize, int64_t n, int num_threads);
+/* Number of prepared maps the CPU library caches now (bounded; most recently used kept). */
+BNBF_API int bnbf_cpu_qmap_cache_size(void);
 
 /* ---- blockwise quantization (CUDA) ---- */
 BNBF_API const char* bnbf_cuda_archs(void);

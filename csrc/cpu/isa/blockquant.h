@@ -2,13 +2,8 @@
 // values. Used by the quantize kernels and fused into the optimizer kernels.
 #pragma once
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <utility>
-#include <vector>
 
 #include "qmap.h"
 #include "simd.h"
@@ -66,39 +61,7 @@ inline float block_absmax(const float* x, int64_t n) {
   return absmax_from_bits(m);
 }
 
-// ---- one-lookup nearest rounding ----------------------------------------------------------
-// Floats ordered as unsigned integers: ukey(x) = bits ^ 0x80000000 for x >= +0 and ~bits for
-// x < 0, so x <= y <=> ukey(x) <= ukey(y) (-0 is first turned into +0 by adding +0).
-// The nearest sorted index of x is the count of thresholds <= x (qmap.h). For each 16-bit
-// bin B of ukeys (the floats whose ukey >> 16 == B), `entry[B]` holds that count in one add:
-//   entry[B] = base << 16 | (0x10000 - t)   (t: low 16 bits of the one threshold in the bin)
-//   entry[B] = base << 16                    (no threshold in the bin, or t == 0 counted
-//                                             in base)
-// where base counts the thresholds below the bin, so that
-//   sorted index = (entry[B] + (ukey & 0xFFFF)) >> 16,
-// the carry out of the low half being exactly [ukey & 0xFFFF >= t]. Usable when no bin
-// holds two thresholds and none is NaN (true for the dynamic maps); NaN inputs use key 0,
-// whose bin holds no threshold and starts below every float: the index of the smallest
-// value, as QuantMap::nearest gives. Maps whose codes are not already ascending translate
-// the index through sorted_to_code afterwards.
-// This is the one exact table behind quantize_scaled (functional quantize and the optimizer
-// requantization). The table spans 256 KiB, but values of one block scaled by its absmax lie
-// in [-1, 1] and mostly within a few decades, so the bins actually touched are a few KiB and
-// stay in L1/L2 beside the kernels' buffers.
-struct PackedNearest {
-  bool usable = false;
-  // No threshold lies between -0 and the smallest positive subnormal: -0 then needs no
-  // "+ 0" to share +0's index (its ukey sits one below +0's, in the bin below).
-  bool zero_safe = false;
-  alignas(64) uint32_t entry[65536];
-};
-
-inline uint32_t float_ukey(float x) {
-  x += 0.f;
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
+// ---- one-lookup nearest rounding: PackedNearest (qmap.h), built once per map ----------
 
 // ---- table lookups as scalar loads ----------------------------------------------------
 // On Zen 3 an 8-lane vpgatherdd from an L1-resident table costs ~2.2 cycles per element;
@@ -137,63 +100,6 @@ inline __m256i lookup8_bins(const uint32_t* table, const uint32_t* key) {
       _mm_load_ss(t + ((w3 >> 16) & 0xFFFF)), _mm_load_ss(t + (w3 >> 48))));
 }
 #endif
-
-inline void build_packed(const QuantMap& m, PackedNearest& p) {
-  uint32_t tk[255];
-  for (int k = 0; k < 255; ++k) {
-    if (std::isnan(m.thr[k])) return;  // unusable
-    tk[k] = float_ukey(m.thr[k]);
-    if (k > 0 && tk[k] < tk[k - 1]) return;
-  }
-  int k = 0;
-  for (uint32_t B = 0; B < 65536; ++B) {
-    const uint32_t lo = B << 16, hi = lo | 0xFFFFu;
-    while (k < 255 && tk[k] < lo) ++k;  // k = thresholds below the bin
-    int inside = 0;
-    while (k + inside < 255 && tk[k + inside] <= hi) ++inside;
-    if (inside > 1) return;  // unusable: two thresholds in one bin
-    const uint32_t t = inside ? (tk[k] & 0xFFFFu) : 0u;
-    if (!inside) p.entry[B] = (uint32_t)k << 16;
-    else if (t == 0) p.entry[B] = (uint32_t)(k + 1) << 16;
-    else p.entry[B] = ((uint32_t)k << 16) | (0x10000u - t);
-  }
-  // -0 and +0 share an index unless a threshold key lies in (ukey(-0), ukey(+0)].
-  p.zero_safe = true;
-  for (int j = 0; j < 255; ++j)
-    if (tk[j] == 0x80000000u) p.zero_safe = false;
-  p.usable = true;
-}
-
-// The packed table of a map, built once and cached for the map's lifetime (QuantMaps are
-// never freed). Looked up once per block by the optimizer kernels, so the common case is
-// a lock-free scan of a few slots; the mutex is taken only to build.
-inline const PackedNearest& packed_nearest(const QuantMap& m) {
-  constexpr int kSlots = 16;
-  static std::atomic<const QuantMap*> keys[kSlots];
-  static std::atomic<const PackedNearest*> values[kSlots];
-  for (int i = 0; i < kSlots; ++i) {
-    const QuantMap* k = keys[i].load(std::memory_order_acquire);
-    if (k == &m) return *values[i].load(std::memory_order_acquire);
-    if (!k) break;
-  }
-  static std::mutex mu;
-  static std::vector<std::pair<const QuantMap*, std::unique_ptr<PackedNearest>>> all;
-  std::lock_guard<std::mutex> lk(mu);
-  for (auto& kv : all)
-    if (kv.first == &m) return *kv.second;
-  auto p = std::make_unique<PackedNearest>();
-  build_packed(m, *p);
-  const PackedNearest* result = p.get();
-  all.emplace_back(&m, std::move(p));
-  for (int i = 0; i < kSlots; ++i) {
-    if (keys[i].load(std::memory_order_relaxed) == nullptr) {
-      values[i].store(result, std::memory_order_release);
-      keys[i].store(&m, std::memory_order_release);
-      break;
-    }
-  }
-  return *result;
-}
 
 #if defined(BNBF_SIMD8)
 // Sorted-map index nearest to each lane (see qmap.h), then the stored code.
@@ -241,7 +147,7 @@ constexpr int64_t kQuantChunk = 256;
 inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uint8_t* out,
                             int64_t n, bool keep_positive = false) {
   const float d = block_divisor(absmax);
-  const PackedNearest& packed = packed_nearest(m);
+  const PackedNearest& packed = m.packed_nearest();
   if (packed.usable) {
     // A finite absmax means every x, hence every x / d, is finite: the keys need no NaN
     // mask, and no "+ 0" where -0 already shares +0's index.
