@@ -149,7 +149,7 @@ def machine_info() -> dict:
         backends = bnbfuse.backend_info()
         info["bnbfuse_cpu_isa"] = backends.get("cpu_isa")
         info["bnbfuse_native_cpu"] = str(backends.get("cpu", "")).startswith("loaded")
-        info["bnbfuse_native_cuda"] = str(backends.get("cuda", "")).startswith("loaded")
+        info["bnbfuse_native_cuda"] = str(backends.get("cuda", "")).startswith("registered")
     except Exception as e:  # the figures are still worth saving without it
         info["bnbfuse"] = f"unavailable: {e}"
     return info

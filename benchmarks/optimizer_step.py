@@ -171,10 +171,12 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     native = bnbfuse._native.cuda if device.type == "cuda" else bnbfuse._native.cpu
-    if not native.loaded:
+    serves = (bnbfuse._native.cuda_status().registered if device.type == "cuda"
+              else native.loaded)
+    if not serves:
         # the bnbfuse rows would time the pure-PyTorch reference kernels under its name
-        sys.exit(f"bnbfuse's native {device.type} library is not loaded "
-                 f"({bnbfuse.backend_info().get(device.type)}); build it first")
+        sys.exit(f"bnbfuse's native {device.type} kernels are not in use "
+                 f"({bnbfuse.backend_info().get(device.type)}); `python -m bnbfuse` says why")
     sizes = [float(s) for s in args.sizes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]
     cands, notes = contenders(device)

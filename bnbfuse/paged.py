@@ -82,9 +82,10 @@ def is_paged(t) -> bool:
 
 
 def available() -> bool:
-    """Whether paged allocation is possible here: the CUDA library and a GPU."""
+    """Whether paged allocation is possible here: a GPU and the CUDA library, registered
+    (its driver/runtime probe passed; otherwise its allocator would fail like its kernels)."""
     return (_native.cuda.loaded and hasattr(_native.cuda.lib, "bnbf_cuda_paged_alloc")
-            and torch.cuda.is_available())
+            and torch.cuda.is_available() and _native.cuda_status().registered)
 
 
 def pages(p: torch.Tensor) -> bool:
@@ -103,11 +104,12 @@ def get_paged(*shape, dtype: torch.dtype = torch.float32, device=None) -> torch.
     (default: the current CUDA device), registered with :class:`GlobalPageManager`.
 
     The memory is freed when the tensor is. Raises RuntimeError where paging is not
-    available (no GPU, or a bnbfuse build without its CUDA library).
+    available (no GPU, a bnbfuse build without its CUDA library, or one whose CUDA kernels
+    are not registered: see ``python -m bnbfuse``).
     """
     if not available():
         raise RuntimeError("paged memory needs a CUDA GPU and bnbfuse's CUDA library "
-                           f"({_native.cuda.error or 'no GPU visible to torch'})")
+                           f"({_native.cuda.error or _native.cuda_status().reason})")
     if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else \

@@ -97,8 +97,44 @@ BNBF_API int bnbf_cpu_dequantize_blockwise(const float* code, const uint8_t* A,
 /* Number of prepared maps the CPU library caches now (bounded; most recently used kept). */
 BNBF_API int bnbf_cpu_qmap_cache_size(void);
 
+/* ---- CUDA library: what it was built for, and whether it can run here ----
+ * bnbf_cuda_archs: the GPU code compiled in, from the build's CMAKE_CUDA_ARCHITECTURES, e.g.
+ * "sm_75 sm_80 sm_90 sm_100 sm_120 compute_120" (sm_XY: machine code for compute capability
+ * X.Y and, within major X, newer minors; compute_XY: PTX the driver compiles for X.Y and newer).
+ *
+ * bnbf_cuda_probe: asks the statically linked CUDA runtime whether this library can run on
+ * this machine, without launching anything. It never crashes: without libcuda (no NVIDIA
+ * driver) it reports driver_version 0 and the runtime's error for the device count.
+ * Without BNBF_CUDA_PROBE_LOAD_IMAGES it creates no CUDA context (driver version, device count
+ * and compute capabilities only), so bnbfuse can run it at import; with it, it also asks each
+ * device (cudaFuncGetAttributes on a tiny kernel) whether the driver finds a kernel image for
+ * it, which creates that device's primary context (`python -m bnbfuse` does this). The
+ * calling thread's current device is restored.
+ * Returns BNBF_OK when the driver is new enough for the runtime, at least one device is
+ * visible and (when checked) every device loads the kernels; BNBF_E_CUDA otherwise, with the
+ * reason in info->message and bnbf_last_error(); BNBF_E_ARG for a NULL info or a size other
+ * than sizeof(bnbf_cuda_probe_info) (a Python mirror out of step with this header). */
+#define BNBF_CUDA_PROBE_MAX_DEVICES 64
+#define BNBF_CUDA_PROBE_LOAD_IMAGES 1
+typedef struct bnbf_cuda_probe_info {
+  int32_t driver_version;     /* cudaDriverGetVersion: 1000*major + 10*minor of the newest CUDA
+                                 the driver supports; 0 when no driver is installed */
+  int32_t runtime_version;    /* cudaRuntimeGetVersion of the runtime linked into the library */
+  int32_t device_count;       /* cudaGetDeviceCount; 0 when it failed */
+  int32_t device_count_error; /* the cudaError_t of cudaGetDeviceCount (0: success) */
+  int32_t devices_probed;     /* min(device_count, BNBF_CUDA_PROBE_MAX_DEVICES) */
+  int32_t images_checked;     /* 1 when image_error[] was filled (BNBF_CUDA_PROBE_LOAD_IMAGES) */
+  int32_t compute_capability[BNBF_CUDA_PROBE_MAX_DEVICES]; /* 10*major + minor; -1 unknown */
+  int32_t image_error[BNBF_CUDA_PROBE_MAX_DEVICES]; /* cudaError_t of loading the probe kernel
+                                 on that device (0: an image loads, e.g. 209:
+                                 cudaErrorNoKernelImageForDevice); -1 when not checked */
+  char message[512];          /* one-line summary: what failed, or the versions found */
+} bnbf_cuda_probe_info;
+BNBF_API int bnbf_cuda_probe(bnbf_cuda_probe_info* info, int64_t info_size, int flags);
+/* "cudaErrorName: description" of a cudaError_t value (for the codes in the probe info). */
+BNBF_API const char* bnbf_cuda_error_string(int error);
+
 /* ---- blockwise quantization (CUDA) ---- */
-BNBF_API const char* bnbf_cuda_archs(void);
 BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int dtype,
                                           float* absmax, uint8_t* out, int64_t blocksize,
                                           int64_t n, void* stream);
