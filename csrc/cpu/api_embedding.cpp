@@ -24,7 +24,10 @@ BNBF_API int bnbf_cpu_fusion_embedding_lookup(const int64_t* ids, int64_t n, con
       return fail(BNBF_E_INDEX, "token id %lld at flat position %lld is out of range [0, %lld)",
                   (long long)ids[i], (long long)i, (long long)total);
   }
-  BNBF_CPU_CALL(fusion_embedding_lookup, ids, n, base, bits, absmax, qmap, vocab_size, fusion,
-                embed_dim, blocksize, out, dtype, num_threads);
+  // An 8-bit base decodes through the prepared map (byte planes), cached per distinct map
+  // like the quantize and optimizer kernels' maps. No base rows: qmap may be null.
+  const QuantMap* map = bits == 8 && vocab_size > 0 ? &quant_map(qmap) : nullptr;
+  BNBF_CPU_CALL(fusion_embedding_lookup, ids, n, base, bits, absmax, map, qmap, vocab_size,
+                fusion, embed_dim, blocksize, out, dtype, num_threads);
   return BNBF_OK;
 }

@@ -34,11 +34,12 @@
                              const float* state1, const float* state2,                     \
                              const bnbf_optim_args& args, int64_t n, double* out,          \
                              int num_threads);  \
-  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/isa/embedding.cpp) */ \
+  /* FusionEmbedding rows: ids already validated by the API layer (csrc/cpu/isa/embedding.cpp); */ \
+  /* map: the 256-value map of an 8-bit base; qmap: the 16 values of a 4-bit one            */ \
   void fusion_embedding_lookup(const int64_t* ids, int64_t n, const void* base, int bits,    \
-                               const float* absmax, const float* qmap, int64_t vocab_size,   \
-                               const void* fusion, int64_t embed_dim, int64_t blocksize,     \
-                               void* out, int dtype, int num_threads);
+                               const float* absmax, const QuantMap* map, const float* qmap,  \
+                               int64_t vocab_size, const void* fusion, int64_t embed_dim,    \
+                               int64_t blocksize, void* out, int dtype, int num_threads);
 
 namespace bnbf {
 namespace generic { BNBF_CPU_KERNELS }

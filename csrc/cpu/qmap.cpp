@@ -139,6 +139,10 @@ static void build(QuantMap& m, const float* code) {
     std::memcpy(&b, &code[k], 4);
     for (int i = 0; i < 4; ++i) m.planes[i][k] = (uint8_t)(b >> (8 * i));
   }
+  // Exact comparison: the float32 division is correctly rounded, so where this holds the
+  // computed value is the table entry bit for bit.
+  m.int8_linear = code[255] == 1.f;
+  for (int c = 0; c < 255; ++c) m.int8_linear &= code[c] == (float)(c - 127) / 127.f;
   build_runs(m);
   m.one_step = true;
   for (uint32_t b = 0; b < 65536; ++b) {

@@ -91,6 +91,9 @@ struct QuantMap {
   // and the magnitude of the smallest, 1 for a side without values.
   float q_pos;
   float q_neg;
+  // code[c] == (c - 127) / 127 in float32 for c < 255 and code[255] == 1 (bnbfuse's int8
+  // table map): without byte permutes, computing the value beats loading it (blockquant.h).
+  bool int8_linear;
   // planes[b][k]: byte b of code[k]'s float bits (dequantization by byte permutes).
   alignas(64) uint8_t planes[4][256];
   RunTables runs;

@@ -244,15 +244,66 @@ inline void quantize_scaled(const QuantMap& m, const float* x, float absmax, uin
     for (; i < n; ++i) out[i] = m.nearest(x[i] / d);
 }
 
-// out[i] = code[c[i]] * absmax (map values by scalar loads, see lookup8_bytes)
+// out[i] = code[c[i]] * absmax (map values by scalar loads, see lookup8_bytes). For the
+// int8 table map (QuantMap::int8_linear) the value (c - 127) / 127 is computed instead: one
+// division per 8 lanes is about a quarter faster than the 8 loads (embedding lookups, 1 KiB
+// rows, Xeon with AVX-512), and gives the entry's bits (the map was built by that division).
 inline void dequantize_scaled(const QuantMap& m, const uint8_t* c, float absmax, float* out,
                               int64_t n) {
   int64_t i = 0;
 #if defined(BNBF_SIMD8)
   const __m256 s = _mm256_set1_ps(absmax);
+  if (m.int8_linear) {
+    const __m256 d = _mm256_set1_ps(127.f), one = _mm256_set1_ps(1.f);
+    const __m256i z = _mm256_set1_epi32(127);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i k = _mm256_sub_epi32(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(c + i))), z);
+      const __m256 v = _mm256_min_ps(_mm256_div_ps(_mm256_cvtepi32_ps(k), d), one);  // c = 255
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(v, s));
+    }
+  }
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(lookup8_bytes(m.code, c + i), s));
 #endif
   for (; i < n; ++i) out[i] = m.code[c[i]] * absmax;
+}
+
+// ---- 4-bit codes ------------------------------------------------------------------------
+// Two codes per byte, element e in byte e / 2: the high nibble when e is even, the low one
+// when odd (row_quantization.py); the map has 16 values.
+inline uint8_t nibble_at(const uint8_t* packed, int64_t e) {
+  const uint8_t b = packed[e >> 1];
+  return (e & 1) ? (b & 15) : (b >> 4);
+}
+
+// out[i] = map16[nibble e0 + i] * absmax. AVX2: the two halves of the map in two registers,
+// vpermps on each and a blend on the index's bit 3.
+inline void dequantize_nibbles_scaled(const float* map16, const uint8_t* packed, int64_t e0,
+                                      float absmax, float* out, int64_t n) {
+  int64_t i = 0;
+  if (n > 0 && (e0 & 1)) {  // an odd start: one element, then whole bytes
+    out[0] = map16[nibble_at(packed, e0)] * absmax;
+    i = 1;
+  }
+#if defined(BNBF_SIMD8)
+  const __m256 s = _mm256_set1_ps(absmax);
+  const __m256 lo_map = _mm256_loadu_ps(map16), hi_map = _mm256_loadu_ps(map16 + 8);
+  // bytes b0 b0 b1 b1 b2 b2 b3 b3 -> 8 lanes; even lanes shift by 4 (high nibble first)
+  const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+  const __m256i nib = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
+  for (; i + 8 <= n; i += 8) {
+    uint32_t four;
+    std::memcpy(&four, packed + ((e0 + i) >> 1), 4);
+    const __m128i b = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)four), dup);
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), shifts), nib);
+    const __m256 lo = _mm256_permutevar8x32_ps(lo_map, idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(hi_map, idx);
+    const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_blendv_ps(lo, hi, high), s));
+  }
+#endif
+  for (; i < n; ++i) out[i] = map16[nibble_at(packed, e0 + i)] * absmax;
 }
 
 }  // namespace BNBF_ISA_NS

@@ -30,5 +30,15 @@ inline void decode_block(const QuantMap& m, const uint8_t* c, float absmax, floa
 #endif
 }
 
+// out[i] = map16[nibble e0 + i] * absmax: 4-bit codes, two per byte (nibble_at), 16 values
+inline void decode_nibbles(const float* map16, const uint8_t* packed, int64_t e0, float absmax,
+                           float* out, int64_t n) {
+#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
+  dequantize_nibbles_perm(map16, packed, e0, absmax, out, n);
+#else
+  dequantize_nibbles_scaled(map16, packed, e0, absmax, out, n);
+#endif
+}
+
 }  // namespace BNBF_ISA_NS
 }  // namespace bnbf

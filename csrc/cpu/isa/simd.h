@@ -166,6 +166,9 @@ inline void load_f32(const void* src, int64_t off, float* buf, int64_t len) {
 template <int DT>
 inline void store_f32(const float* buf, void* dst, int64_t off, int64_t len) {
   int64_t i = 0;
+#if defined(BNBF_SIMD16)
+  for (; i + 16 <= len; i += 16) store16<DT>(dst, off + i, _mm512_loadu_ps(buf + i));
+#endif
 #if defined(BNBF_SIMD8)
   for (; i + 8 <= len; i += 8) store8<DT>(dst, off + i, _mm256_loadu_ps(buf + i));
 #endif

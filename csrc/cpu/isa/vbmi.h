@@ -27,9 +27,14 @@ inline __m512i plane_order() {
   return _mm512_load_si512((const void*)order);
 }
 
-// out[0..64) = code[c[0..64)] * scale
-inline void dequantize64(const QuantMap& m, const uint8_t* c, __m512 scale, float* out) {
-  const __m512i codes = _mm512_permutexvar_epi8(plane_order(), _mm512_loadu_si512(c));
+// out[0..n) = code[c[0..n)] * scale, n <= 64. A short block (TAIL) loads and stores under
+// masks: no byte past c + n or out + n is touched.
+template <bool TAIL>
+inline void dequantize64(const QuantMap& m, const uint8_t* c, __m512 scale, float* out,
+                         int n = 64) {
+  const __mmask64 valid = TAIL ? (1ull << n) - 1 : ~0ull;  // TAIL: n < 64
+  const __m512i raw = TAIL ? _mm512_maskz_loadu_epi8(valid, c) : _mm512_loadu_si512(c);
+  const __m512i codes = _mm512_permutexvar_epi8(plane_order(), raw);
   const __mmask64 high = _mm512_movepi8_mask(codes);
   __m512i b[4];
   for (int i = 0; i < 4; ++i) {
@@ -44,8 +49,11 @@ inline void dequantize64(const QuantMap& m, const uint8_t* c, __m512 scale, floa
   const __m512i w23lo = _mm512_unpacklo_epi8(b[2], b[3]), w23hi = _mm512_unpackhi_epi8(b[2], b[3]);
   const __m512i v[4] = {_mm512_unpacklo_epi16(w01lo, w23lo), _mm512_unpackhi_epi16(w01lo, w23lo),
                         _mm512_unpacklo_epi16(w01hi, w23hi), _mm512_unpackhi_epi16(w01hi, w23hi)};
-  for (int k = 0; k < 4; ++k)
-    _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(v[k]), scale));
+  for (int k = 0; k < 4; ++k) {
+    const __m512 r = _mm512_mul_ps(_mm512_castsi512_ps(v[k]), scale);
+    if (TAIL) _mm512_mask_storeu_ps(out + 16 * k, (__mmask16)(valid >> (16 * k)), r);
+    else _mm512_storeu_ps(out + 16 * k, r);
+  }
 }
 
 // out[i] = code[c[i]] * absmax, as dequantize_scaled
@@ -53,8 +61,49 @@ inline void dequantize_planes(const QuantMap& m, const uint8_t* c, float absmax,
                               int64_t n) {
   const __m512 s = _mm512_set1_ps(absmax);
   int64_t i = 0;
-  for (; i + 64 <= n; i += 64) dequantize64(m, c + i, s, out + i);
-  for (; i < n; ++i) out[i] = m.code[c[i]] * absmax;
+  for (; i + 64 <= n; i += 64) dequantize64<false>(m, c + i, s, out + i);
+  if (i < n) dequantize64<true>(m, c + i, s, out + i, (int)(n - i));
+}
+
+// ---- 4-bit codes: the 16-value map is one register ----------------------------------------
+// 64 elements from 32 bytes, the element order of nibble_at (blockquant.h): vpermps reads
+// only bits 0..3 of each 32-bit index, so a byte needs no masking and its high nibble is the
+// byte shifted right by 4 within its 16-bit word (the bits shifted in from the neighbour
+// land above bit 3). Interleaving high and low nibbles per 128-bit lane gives elements
+// 0..15 | 32..47 and 16..31 | 48..63; each 16 are widened to dwords and permuted.
+template <bool TAIL>
+inline void dequantize_nibbles64(__m512 map, const uint8_t* p, __m512 scale, float* out,
+                                 int n = 64) {
+  const __m256i b = TAIL ? _mm256_maskz_loadu_epi8((__mmask32)((1ull << ((n + 1) >> 1)) - 1), p)
+                         : _mm256_loadu_si256((const __m256i*)p);
+  const __m256i high = _mm256_srli_epi16(b, 4);
+  const __m256i e0 = _mm256_unpacklo_epi8(high, b), e1 = _mm256_unpackhi_epi8(high, b);
+  const __m128i q[4] = {_mm256_castsi256_si128(e0), _mm256_castsi256_si128(e1),
+                        _mm256_extracti128_si256(e0, 1), _mm256_extracti128_si256(e1, 1)};
+  for (int k = 0; k < 4; ++k) {
+    const __m512 r = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q[k]), map), scale);
+    if (TAIL) {
+      const int left = n - 16 * k;
+      if (left <= 0) break;
+      _mm512_mask_storeu_ps(out + 16 * k, (__mmask16)((1u << std::min(left, 16)) - 1), r);
+    } else {
+      _mm512_storeu_ps(out + 16 * k, r);
+    }
+  }
+}
+
+// out[i] = map16[nibble e0 + i] * absmax, as dequantize_nibbles_scaled
+inline void dequantize_nibbles_perm(const float* map16, const uint8_t* packed, int64_t e0,
+                                    float absmax, float* out, int64_t n) {
+  int64_t i = 0;
+  if (n > 0 && (e0 & 1)) {  // an odd start: one element, then whole bytes
+    out[0] = map16[nibble_at(packed, e0)] * absmax;
+    i = 1;
+  }
+  const __m512 map = _mm512_loadu_ps(map16), s = _mm512_set1_ps(absmax);
+  const uint8_t* p = packed + ((e0 + i) >> 1);
+  for (; i + 64 <= n; i += 64, p += 32) dequantize_nibbles64<false>(map, p, s, out + i);
+  if (i < n) dequantize_nibbles64<true>(map, p, s, out + i, (int)(n - i));
 }
 
 // ---- arithmetic exact nearest (RunTables, qmap.h) -----------------------------------------
