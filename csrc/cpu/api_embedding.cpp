@@ -25,9 +25,10 @@ BNBF_API int bnbf_cpu_fusion_embedding_lookup(const int64_t* ids, int64_t n, con
                   (long long)ids[i], (long long)i, (long long)total);
   }
   // An 8-bit base decodes through the prepared map (byte planes), cached per distinct map
-  // like the quantize and optimizer kernels' maps. No base rows: qmap may be null.
-  const QuantMap* map = bits == 8 && vocab_size > 0 ? &quant_map(qmap) : nullptr;
-  BNBF_CPU_CALL(fusion_embedding_lookup, ids, n, base, bits, absmax, map, qmap, vocab_size,
+  // like the quantize and optimizer kernels' maps, and held for the call (the cache may
+  // evict it meanwhile). No base rows: qmap may be null.
+  const auto map = bits == 8 && vocab_size > 0 ? quant_map(qmap) : nullptr;
+  BNBF_CPU_CALL(fusion_embedding_lookup, ids, n, base, bits, absmax, map.get(), qmap, vocab_size,
                 fusion, embed_dim, blocksize, out, dtype, num_threads);
   return BNBF_OK;
 }
