@@ -201,9 +201,10 @@ def check_state_blocks(optimizer, n: int, absmax1, absmax2, qmap1, qmap2, device
     if r.states == 2:
         check_map_has_no_nan(qmap2, "qmap2")
     if device is not None:
-        for t in (absmax1, absmax2 if r.states == 2 else None):
+        for name, t in (("absmax1", absmax1), ("absmax2", absmax2 if r.states == 2 else None)):
             if t is not None and t.device != device:
-                raise ValueError(f"all tensors must be on {device}, got one on {t.device}")
+                raise ValueError(f"{name} is on {t.device}, the parameter on {device}; all "
+                                 "tensors must be on one device")
 
 
 # Mirrors BNBF_NORM_GROUP_BLOCKS (csrc/include/bnbfuse.h): the norms are summed per

@@ -7,6 +7,7 @@ namespace cuda {
 int check_device(int dev, const char* what) {
   // The count cannot change while the process runs (CUDA_VISIBLE_DEVICES is read once, at
   // the runtime's initialisation), so one cudaGetDeviceCount serves every later call.
+  if (dev < 0) return fail(BNBF_E_ARG, "%s: no CUDA device %d", what, dev);
   static std::atomic<int> count{-1};
   int c = count.load(std::memory_order_relaxed);
   if (c < 0) {
@@ -14,7 +15,7 @@ int check_device(int dev, const char* what) {
     if (err != cudaSuccess) return fail_cuda(err, what);
     count.store(c, std::memory_order_relaxed);
   }
-  if (dev < 0 || dev >= c)
+  if (dev >= c)
     return fail(BNBF_E_ARG, "%s: no CUDA device %d (%d present)", what, dev, c);
   return BNBF_OK;
 }
