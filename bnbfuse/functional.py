@@ -291,6 +291,10 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
 
     Returns:
         ``(codes, QuantState)``: codes is uint8 of A's shape.
+
+    Raises:
+        ValueError: ``code`` does not hold 256 values, or holds a NaN (nearest rounding
+            needs the map's values in order).
     """
     _check_input(A)
     blocksize = _blocksize(blocksize)

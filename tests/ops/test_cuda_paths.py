@@ -295,9 +295,13 @@ def test_non_contiguous_tensors_are_updated_through_copies(opt, eight_bit):
     g = grads((rows, cols), torch.float32, seed=6)
     state = make_state(opt, (rows, cols), eight_bit)
 
-    def layout(t):  # same values, non-contiguous (transposed storage)
-        if t is None or t.dim() < 2:
-            return None if t is None else torch.cat([t.reshape(-1), t.reshape(-1)])[::2]
+    def layout(t):  # same values, non-contiguous: transposed storage, or every other slot
+        if t is None:
+            return None
+        if t.dim() < 2:
+            buf = torch.full((2 * t.numel(),), 7, dtype=t.dtype, device=t.device)
+            buf[::2] = t
+            return buf[::2]
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
     sc = [layout(t) for t in state]
