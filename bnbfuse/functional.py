@@ -21,6 +21,7 @@ import torch
 from . import ops  # noqa: F401  (declares the ops)
 from . import backends  # noqa: F401  (registers their kernels)
 from .code_maps import create_fp8_map, create_linear_map, create_normal_map, get_4bit_type
+from .ops.quantize import nan_free_copy
 from .paged import GlobalPageManager, get_paged, prefetch_tensor
 
 __all__ = ["create_dynamic_map", "create_linear_map", "create_fp8_map", "create_normal_map",
@@ -290,13 +291,18 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
 
     Returns:
         ``(codes, QuantState)``: codes is uint8 of A's shape.
+
+    Raises:
+        ValueError: ``code`` does not hold 256 values, or holds a NaN (nearest rounding
+            needs the map's values in order).
     """
     _check_input(A)
     blocksize = _blocksize(blocksize)
     if code is None:
         code = dynamic_map(True, A.device)
     _check_code(code)
-    code = code.to(A.device, copy=True)  # the state's own map: never the shared default
+    # The state's own map, never the shared default (checked for NaN here, once per map).
+    code = nan_free_copy(code, A.device, copy=True)
     nblocks = -(A.numel() // -blocksize)
     if out is not None:
         _check_buffer("out", out, A.shape, torch.uint8, A.device)
@@ -344,8 +350,8 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
     dtype = quant_state.dtype if quant_state.dtype is not None else torch.float32
     if out is not None:
         _check_buffer("out", out, A.shape, dtype, A.device)
-    result = torch.ops.bnbfuse.dequantize_blockwise(A, amax.to(torch.float32), qcode.to(A.device),
-                                                    bs, dtype)
+    result = torch.ops.bnbfuse.dequantize_blockwise(A, amax.to(torch.float32),
+                                                    nan_free_copy(qcode, A.device), bs, dtype)
     if out is not None:
         return out.copy_(result.view(out.shape))
     return result

@@ -1,9 +1,6 @@
 """CPU kernels from the native library (csrc/cpu), registered for the ``CPU`` key."""
-import torch
-
 from .. import _native
-from .native import NativeBackend
+from .native import NativeBackend, cpu_tail
 
-backend = NativeBackend(_native.cpu, "bnbf_cpu_", "CPU",
-                        (_native.I32, lambda t: torch.get_num_threads()))
+backend = NativeBackend(_native.cpu, "bnbf_cpu_", "CPU", ((_native.I32,), cpu_tail))
 backend.register_all()

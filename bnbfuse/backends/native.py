@@ -1,10 +1,14 @@
 """Native kernels (csrc/) behind the ops, written once for both devices.
 
-The CPU and CUDA entry points of the C ABI have the same arguments except the last: the
-CPU ones take a thread count, the CUDA ones the stream to launch on. ``NativeBackend``
-binds one library and registers every op for its dispatch key; ``cpu.py`` and ``cuda.py``
-just instantiate it. Argument checks come from the op contracts (``bnbfuse/ops``), so every
-backend rejects the same inputs with the same messages; the C API checks again.
+The CPU and CUDA entry points of the C ABI have the same arguments except the trailing
+ones: the CPU ones take a thread count, the CUDA ones the device index of the call's
+tensors and the stream to launch on (and the norms a scratch tensor for their per-block
+partial sums, allocated here through torch's allocator). ``NativeBackend`` binds one
+library and registers every op for its dispatch key; ``cpu.py`` and ``cuda.py`` just
+instantiate it. Argument checks come from the op contracts (``bnbfuse/ops``), so every
+backend rejects the same inputs with the same messages; the C API checks again, except
+where a buffer lives: the CUDA library trusts the device index, so every tensor handed to
+it is checked here to be on that device (:func:`check_one_device`).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 from .._native import I32, I64, P, NativeLibrary, OptimizerArgs, dtype_code, ptr
 from ..ops.embedding import check_lookup_args
 from ..ops.optimizer import (KernelHyperparams, check_optimizer_args, check_state_blocks,
-                             optimizer_scalars, two_state_only)
+                             norms_scratch_size, optimizer_scalars, two_state_only)
 from ..ops.quantize import check_blocksize, check_code
 from ..ops.rules import RULES
 
@@ -32,6 +36,19 @@ def contiguous_in_place(*tensors):
     for t, w in zip(tensors, work):
         if t is not None and w.data_ptr() != t.data_ptr():
             t.copy_(w)
+
+
+def check_one_device(what: str, device: torch.device, **tensors) -> None:
+    """ValueError unless every tensor given (None skipped) is on ``device``.
+
+    The op contracts already move or check what they accept from elsewhere; this is the
+    last check before raw pointers go to a kernel, which cannot tell host from device
+    memory, or one GPU's memory from another's, without a driver call per pointer.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device}, but the call runs on {device}; "
+                             "all tensors must be on one device")
 
 
 def _check_8bit(optimizer, p, g, state1, state2, absmax1, absmax2, qmap1, qmap2) -> int:
@@ -73,6 +90,18 @@ class OptimizerArgsCache:
         return OptimizerArgs.from_scalars(optimizer_scalars(optimizer, hparams, update_scale))
 
 
+def cpu_tail(what: str, t: torch.Tensor, **tensors) -> tuple:
+    """The trailing arguments of a CPU entry point: the thread count."""
+    return (torch.get_num_threads(),)
+
+
+def cuda_tail(what: str, t: torch.Tensor, **tensors) -> tuple:
+    """The trailing arguments of a CUDA entry point: ``t``'s device index and torch's current
+    stream on that device, after checking that the other tensors are on it too."""
+    check_one_device(what, t.device, **tensors)
+    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+
 class NativeBackend:
     """One native library (``lib``) registered for one dispatch key.
 
@@ -80,18 +109,30 @@ class NativeBackend:
         lib: the loaded library.
         prefix: ``"bnbf_cpu_"`` or ``"bnbf_cuda_"``.
         dispatch_key: ``"CPU"`` or ``"CUDA"``.
-        last_arg: ``(last_arg_type, fn(tensor) -> value)``: thread count or stream.
+        tail: ``(argument types, fn(what, tensor, **other_tensors) -> values)``: the
+            trailing arguments of every entry point (:func:`cpu_tail`, :func:`cuda_tail`).
+        norms_scratch: whether the norms entry points take a scratch buffer (CUDA).
     """
 
-    def __init__(self, lib: NativeLibrary, prefix: str, dispatch_key: str, last_arg):
+    def __init__(self, lib: NativeLibrary, prefix: str, dispatch_key: str, tail,
+                 norms_scratch: bool = False):
         self.lib = lib
         self.prefix = prefix
         self.key = dispatch_key
-        self.last_type, self.last_value = last_arg
+        self.tail_types, self.tail = tail
+        self.norms_scratch = norms_scratch
         self.args_cache = OptimizerArgsCache()
 
     def function(self, name: str, *argtypes) -> Callable:
-        return self.lib.function(self.prefix + name, *argtypes, self.last_type)
+        return self.lib.function(self.prefix + name, *argtypes, *self.tail_types)
+
+    def _scratch_args(self, n: int, device) -> tuple:
+        """The norms' (scratch pointer, length) arguments, and the tensor to keep alive."""
+        if not self.norms_scratch:
+            return (), None
+        size = norms_scratch_size(n)
+        scratch = torch.empty(size, dtype=torch.float64, device=device)
+        return (ptr(scratch), size), scratch
 
     def register(self, op: str, fn: Callable) -> None:
         torch.library.impl(f"bnbfuse::{op}", self.key)(fn)
@@ -110,9 +151,9 @@ class NativeBackend:
         n = A.numel()
         out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
         absmax = torch.empty(-(n // -blocksize), dtype=torch.float32, device=A.device)
+        tail = self.tail("quantize_blockwise", A, code=code, absmax=absmax, out=out)
         self.lib.check(self._quantize(ptr(code), ptr(A), dtype_code(A.dtype), ptr(absmax),
-                                      ptr(out), blocksize, n, self.last_value(A)),
-                       "quantize_blockwise")
+                                      ptr(out), blocksize, n, *tail), "quantize_blockwise")
         return out, absmax
 
     def dequantize_blockwise(self, A, absmax, code, blocksize, dtype):
@@ -128,8 +169,9 @@ class NativeBackend:
         A = A.contiguous()
         absmax = absmax.to(device=A.device, dtype=torch.float32).contiguous()
         out = torch.empty(A.shape, dtype=dtype, device=A.device)
+        tail = self.tail("dequantize_blockwise", A, code=code, absmax=absmax, out=out)
         self.lib.check(self._dequantize(ptr(code), ptr(A), ptr(absmax), ptr(out),
-                                        dtype_code(dtype), blocksize, n, self.last_value(A)),
+                                        dtype_code(dtype), blocksize, n, *tail),
                        "dequantize_blockwise")
         return out
 
@@ -145,10 +187,11 @@ class NativeBackend:
                                           P, P, P, P, P, args_p, I64)
         self._update_32bit = self.function("optimizer_update_32bit", I32, P, P, I32, P, P,
                                            args_p, I64)
+        scratch = (P, I64) if self.norms_scratch else ()
         self._norms_8bit = self.function("optimizer_norms_8bit_blockwise", I32, P, P, I32, P, P,
-                                         P, P, P, P, args_p, I64, P)
+                                         P, P, P, P, args_p, I64, P, *scratch)
         self._norms_32bit = self.function("optimizer_norms_32bit", I32, P, P, I32, P, P, args_p,
-                                          I64, P)
+                                          I64, P, *scratch)
         self.register("optimizer_update_8bit_blockwise", self.optimizer_update_8bit_blockwise)
         self.register("optimizer_update_32bit", self.optimizer_update_32bit)
         self.register("optimizer_norms_8bit_blockwise", self.optimizer_norms_8bit_blockwise)
@@ -169,10 +212,12 @@ class NativeBackend:
         g = g.contiguous()
         with contiguous_in_place(p, state1, two_state_only(optimizer, state2), absmax1,
                                  two_state_only(optimizer, absmax2)) as (pc, s1, s2, a1, a2):
+            what = "optimizer_update_8bit_blockwise"
+            tail = self.tail(what, pc, g=g, state1=s1, state2=s2, absmax1=a1, absmax2=a2,
+                             qmap1=q1, qmap2=q2)
             self.lib.check(self._update_8bit(
                 RULES[optimizer].id, ptr(pc), ptr(g), dtype_code(p.dtype), ptr(s1), ptr(s2),
-                ptr(a1), ptr(a2), ptr(q1), ptr(q2), args, n, self.last_value(p)),
-                "optimizer_update_8bit_blockwise")
+                ptr(a1), ptr(a2), ptr(q1), ptr(q2), args, n, *tail), what)
 
     def optimizer_update_32bit(self, optimizer, p, g, state1, state2, *hparams_and_scale):
         *hparams, update_scale = hparams_and_scale
@@ -184,9 +229,11 @@ class NativeBackend:
             return
         g = g.contiguous()
         with contiguous_in_place(p, state1, two_state_only(optimizer, state2)) as (pc, s1, s2):
+            what = "optimizer_update_32bit"
+            tail = self.tail(what, pc, g=g, state1=s1, state2=s2)
             self.lib.check(self._update_32bit(
                 RULES[optimizer].id, ptr(pc), ptr(g), dtype_code(p.dtype), ptr(s1), ptr(s2),
-                args, n, self.last_value(p)), "optimizer_update_32bit")
+                args, n, *tail), what)
 
     def optimizer_norms_8bit_blockwise(self, optimizer, p, g, state1, state2, absmax1, absmax2,
                                        qmap1, qmap2, *hparams):
@@ -198,10 +245,13 @@ class NativeBackend:
             s2 = _contiguous_or_none(two_state_only(optimizer, state2))
             a2 = _contiguous_or_none(two_state_only(optimizer, absmax2))
             pc, g, s1, a1 = (t.contiguous() for t in (p, g, state1, absmax1))
+            what = "optimizer_norms_8bit_blockwise"
+            scratch, keep = self._scratch_args(n, p.device)
+            tail = self.tail(what, pc, g=g, state1=s1, state2=s2, absmax1=a1, absmax2=a2,
+                             qmap1=q1, qmap2=q2, out=out, scratch=keep)
             self.lib.check(self._norms_8bit(
                 RULES[optimizer].id, ptr(pc), ptr(g), dtype_code(p.dtype), ptr(s1), ptr(s2),
-                ptr(a1), ptr(a2), ptr(q1), ptr(q2), args, n, ptr(out), self.last_value(p)),
-                "optimizer_norms_8bit_blockwise")
+                ptr(a1), ptr(a2), ptr(q1), ptr(q2), args, n, ptr(out), *scratch, *tail), what)
         return out.to(torch.float32)
 
     def optimizer_norms_32bit(self, optimizer, p, g, state1, state2, *hparams):
@@ -213,9 +263,12 @@ class NativeBackend:
         if n:
             s2 = _contiguous_or_none(two_state_only(optimizer, state2))
             pc, g, s1 = (t.contiguous() for t in (p, g, state1))
+            what = "optimizer_norms_32bit"
+            scratch, keep = self._scratch_args(n, p.device)
+            tail = self.tail(what, pc, g=g, state1=s1, state2=s2, out=out, scratch=keep)
             self.lib.check(self._norms_32bit(
                 RULES[optimizer].id, ptr(pc), ptr(g), dtype_code(p.dtype), ptr(s1), ptr(s2),
-                args, n, ptr(out), self.last_value(p)), "optimizer_norms_32bit")
+                args, n, ptr(out), *scratch, *tail), what)
         return out.to(torch.float32)
 
     # ---- quantized embedding lookup ------------------------------------------------------
@@ -231,10 +284,12 @@ class NativeBackend:
         absmax_c = absmax.to(ids.device).contiguous() if bits else None
         qmap_c = qmap.to(ids.device).contiguous() if bits else None
         out = torch.empty((*ids.shape, D), dtype=fusion.dtype, device=ids.device)
+        tail = self.tail("fusion_embedding_lookup", ids_c, base=base_c if V else None,
+                         absmax=absmax_c, qmap=qmap_c, fusion=fusion_c if F else None, out=out)
         self.lib.check(self._lookup(ptr(ids_c), ids_c.numel(), ptr(base_c) if V else None, bits,
                                     ptr(absmax_c), ptr(qmap_c), V, ptr(fusion_c) if F else None,
-                                    F, D, blocksize, ptr(out), dtype_code(fusion.dtype),
-                                    self.last_value(ids)), "fusion_embedding_lookup")
+                                    F, D, blocksize, ptr(out), dtype_code(fusion.dtype), *tail),
+                       "fusion_embedding_lookup")
         return out
 
     def register_all(self) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .library import lib
+from .quantize import check_map_has_no_nan
 
 __all__ = ["check_lookup_args", "check_ids_in_range"]
 
@@ -70,6 +71,7 @@ def check_lookup_args(ids, base, absmax, qmap, fusion, bits, blocksize):
         if qmap.numel() != (256 if bits == 8 else 16) or qmap.dtype != torch.float32:
             raise ValueError(f"fusion_embedding_lookup: qmap must hold {256 if bits == 8 else 16} "
                              f"float32 values, got {qmap.numel()} {qmap.dtype}")
+        check_map_has_no_nan(qmap, "fusion_embedding_lookup: qmap")
     for name, t in (("base", base), ("fusion", fusion)):
         if t.device != ids.device:
             raise ValueError(f"fusion_embedding_lookup: {name} is on {t.device}, ids on "

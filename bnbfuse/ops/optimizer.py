@@ -22,10 +22,11 @@ from typing import NamedTuple
 import torch
 
 from .library import lib
+from .quantize import check_map_has_no_nan
 from .rules import OPTIMIZER_BLOCKSIZE, RULES, optimizer_blocks, rule
 
 __all__ = ["KernelHyperparams", "optimizer_scalars", "check_optimizer_args",
-           "check_state_blocks"]
+           "check_state_blocks", "norms_scratch_size"]
 
 
 class KernelHyperparams(NamedTuple):
@@ -196,10 +197,26 @@ def check_state_blocks(optimizer, n: int, absmax1, absmax2, qmap1, qmap2, device
                              f"{absmax2.dtype} with {absmax2.numel()}")
         if qmap2.numel() != 256:
             raise ValueError(f"qmap2 must have 256 values, got {qmap2.numel()}")
+    check_map_has_no_nan(qmap1, "qmap1")
+    if r.states == 2:
+        check_map_has_no_nan(qmap2, "qmap2")
     if device is not None:
-        for t in (absmax1, absmax2 if r.states == 2 else None):
+        for name, t in (("absmax1", absmax1), ("absmax2", absmax2 if r.states == 2 else None)):
             if t is not None and t.device != device:
-                raise ValueError(f"all tensors must be on {device}, got one on {t.device}")
+                raise ValueError(f"{name} is on {t.device}, the parameter on {device}; all "
+                                 "tensors must be on one device")
+
+
+# Mirrors BNBF_NORM_GROUP_BLOCKS (csrc/include/bnbfuse.h): the norms are summed per
+# 256-element block, per group of this many blocks, then over the groups in order.
+NORM_GROUP_BLOCKS = 256
+
+
+def norms_scratch_size(n: int) -> int:
+    """Doubles of scratch the CUDA norms kernels need for ``n`` elements: two partial sums
+    per optimizer block and two per group of blocks (csrc/common/norm_order.h)."""
+    blocks = optimizer_blocks(n)
+    return 2 * (blocks + -(blocks // -NORM_GROUP_BLOCKS))
 
 
 def two_state_only(optimizer: str, t):

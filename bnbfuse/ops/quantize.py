@@ -9,10 +9,12 @@ ties to the larger value: :func:`nearest_thresholds`). ``dequantize_blockwise`` 
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .library import lib
 
-__all__ = ["nearest_thresholds", "check_code", "check_blocksize", "one_block_at_most"]
+__all__ = ["nearest_thresholds", "check_code", "check_blocksize", "one_block_at_most",
+           "check_map_has_no_nan", "nan_free_copy"]
 
 lib.define("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)")
 lib.define(
@@ -52,10 +54,61 @@ def nearest_thresholds(code: torch.Tensor):
     return torch.where(thr.double() < mid, up, thr), order
 
 
+# Maps already found NaN-free: tensor -> (version counter, data pointer) at that check. Keyed
+# by identity (a tensor's == is elementwise) and weakly, so a map that is freed drops out.
+_NAN_FREE_MAPS = WeakIdKeyDictionary()
+
+
+def check_map_has_no_nan(code: torch.Tensor, name: str = "the quantization map") -> None:
+    """ValueError if ``code`` holds a NaN.
+
+    Nearest rounding needs the map's values in order, and NaN has none: the native kernels
+    would sort such a map into a table with slots no value lands in. Every op that takes a
+    map refuses one with NaN, on every backend. Checking a GPU map synchronises with the
+    device, so a map found NaN-free is remembered (until it is written to in place or its
+    storage changes) and the optimizers' per-step calls check their maps once. Inside CUDA
+    graph capture, where a synchronisation is not allowed, an unchecked map is not checked
+    (the kernels stay in bounds for any map; only its codes would be meaningless).
+    """
+    if code.device.type == "meta" or torch.compiler.is_compiling():
+        return  # (traced code: the op's kernel checks the real tensor when it runs)
+    key = _map_key(code)
+    if _NAN_FREE_MAPS.get(code) == key:
+        return
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    nan = torch.isnan(code.reshape(-1))
+    if bool(nan.any()):
+        where = int(nan.nonzero()[0, 0])
+        raise ValueError(f"{name} holds NaN (at index {where}); a quantization map must be "
+                         "NaN-free, since nearest rounding needs its values in order")
+    _NAN_FREE_MAPS[code] = key
+
+
+def _map_key(code: torch.Tensor):
+    # Inference tensors have no version counter; they are only writable inside
+    # inference_mode, so their storage stands for them.
+    version = -1 if code.is_inference() else code._version
+    return version, code.data_ptr()
+
+
+def nan_free_copy(code: torch.Tensor, device, copy: bool = False) -> torch.Tensor:
+    """``code.to(device, copy=copy)`` after :func:`check_map_has_no_nan`, the result
+    remembered as checked: a fresh copy of a checked map then costs no device sync when an
+    op checks it."""
+    check_map_has_no_nan(code)
+    out = code.to(device, copy=copy)
+    if out.device.type != "meta" and not torch.compiler.is_compiling():
+        _NAN_FREE_MAPS[out] = _map_key(out)
+    return out
+
+
 def check_code(code: torch.Tensor, device) -> torch.Tensor:
-    """The 256-value map as a contiguous float32 tensor on ``device`` (ValueError otherwise)."""
+    """The 256-value map as a contiguous float32 tensor on ``device`` (ValueError if it has
+    another size or holds NaN)."""
     if code.numel() != 256:
         raise ValueError(f"the quantization map must have 256 values, got {code.numel()}")
+    check_map_has_no_nan(code)
     return code.to(device=device, dtype=torch.float32).contiguous()
 
 

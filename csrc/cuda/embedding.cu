@@ -8,6 +8,7 @@
 #include "ceil_div.h"
 #include "common.cuh"
 #include "embedding_check.h"
+#include "launch.cuh"
 
 namespace bnbf {
 namespace cuda {
@@ -49,7 +50,7 @@ __global__ void fusion_lookup_kernel(const int64_t* __restrict__ ids, int64_t n,
           const uint8_t b = row[j >> 1];
           c = (j & 1) ? (b & 15) : (b >> 4);
         }
-        dst[j] = from_f32<T>(smap[c] * am[j / blocksize]);
+        dst[j] = from_f32<T>(mul_x86(smap[c], am[j / blocksize]));  // CPU NaN bits
       }
     }
   }
@@ -67,31 +68,25 @@ BNBF_API int bnbf_cuda_fusion_embedding_lookup(const int64_t* ids, int64_t n, co
                                                int64_t vocab_size, const void* fusion,
                                                int64_t fusion_vocab_size, int64_t embed_dim,
                                                int64_t blocksize, void* out, int dtype,
-                                               void* stream) {
+                                               int device, void* stream) {
   if (int rc = bnbf::check_lookup_args(ids, n, base, bits, absmax, qmap, vocab_size, fusion,
                                        fusion_vocab_size, embed_dim, blocksize, out, dtype))
     return rc;
   if (n == 0) return BNBF_OK;
-  // Only the buffers the kernel reads are checked (and must share out's device).
-  const bool quantized = vocab_size > 0 && bits != 0;
-  const void* ptrs[6] = {out, ids, vocab_size > 0 ? base : nullptr, quantized ? absmax : nullptr,
-                         quantized ? qmap : nullptr, fusion_vocab_size > 0 ? fusion : nullptr};
-  const char* names[6] = {"out", "ids", "base", "absmax", "qmap", "fusion"};
-  int dev = 0;
-  if (int rc = common_device(6, ptrs, names, &dev)) return rc;
-  DeviceGuard guard(dev);
-  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "cudaSetDevice");
+  const char* what = "fusion_embedding_lookup";
+  if (int rc = check_device(device, what)) return rc;
+  DeviceGuard guard(device);  // launch on the buffers' GPU, whatever the current one is
+  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), what);
   const int threads = (int)std::min<int64_t>(256, ((embed_dim + 31) / 32) * 32);
-  const int64_t grid = std::min<int64_t>(n, (int64_t)sm_count(dev) * 32);
   cudaStream_t s = (cudaStream_t)stream;
   bool known = dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    fusion_lookup_kernel<T><<<(unsigned)grid, threads, 0, s>>>(
+    // One wave; the kernel grid-strides over the tokens.
+    const unsigned grid = grid_for<fusion_lookup_kernel<T>>(n, device, threads);
+    fusion_lookup_kernel<T><<<grid, threads, 0, s>>>(
         ids, n, base, bits, absmax, qmap, vocab_size, (const T*)fusion, fusion_vocab_size,
         embed_dim, blocksize, (T*)out);
   });
   if (!known) return fail(BNBF_E_ARG, "unsupported dtype code %d", dtype);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return fail_cuda(err, "fusion_embedding_lookup launch");
-  return BNBF_OK;
+  return check_launch(what);
 }

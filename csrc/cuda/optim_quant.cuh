@@ -19,6 +19,11 @@ struct SharedMap {
   uint8_t order[256];        // sorted index -> code index
   uint8_t zero_code;         // code of the value nearest 0
   uint8_t min_positive_code; // code of the smallest value > 0 (zero_code if none)
+  // The map's extremes for the state scale (csrc/common/state_scale.h), as QuantMap's in
+  // csrc/cpu/qmap.cpp: the largest value and the magnitude of the smallest, 1 for a side
+  // without values.
+  float q_pos;
+  float q_neg;
 };
 
 // Call with blockDim.x == 256, from all threads (contains __syncthreads).
@@ -26,6 +31,11 @@ __device__ inline void build_map(SharedMap& m, const float* __restrict__ code) {
   const int t = threadIdx.x;
   const float v = code[t];
   m.code[t] = v;
+  // A map holding NaN has no consistent order, so ranks can collide and leave slots
+  // unwritten; these defaults keep every slot defined and every code in range. (bnbfuse
+  // refuses such maps before the launch: bnbfuse/ops/quantize.py, check_map_has_no_nan.)
+  m.sorted[t] = __int_as_float(0x7fc00000);
+  m.order[t] = 0;
   __syncthreads();
   int rank = 0;  // stable rank: equal values keep their index order
   for (int j = 0; j < 256; ++j) {
@@ -57,6 +67,8 @@ __device__ inline void build_map(SharedMap& m, const float* __restrict__ code) {
         m.min_positive_code = m.order[k];
         break;
       }
+    m.q_pos = m.sorted[255] > 0.f ? m.sorted[255] : 1.f;
+    m.q_neg = m.sorted[0] < 0.f ? -m.sorted[0] : 1.f;
   }
   __syncthreads();
 }

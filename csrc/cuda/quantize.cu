@@ -9,13 +9,21 @@
 //
 // Work layout: a group of G threads (32..256) handles one quantization block at a time,
 // kThreads / G groups per CUDA block, grid-striding over the blocks. Each CUDA block first
-// builds the sorted thresholds of the map in shared memory; the grid is sized to about one
-// wave of resident blocks so that this 256-element sort is paid a few hundred times, not
-// once per quantization block.
+// builds the sorted thresholds of the map in shared memory; the grid is one wave of
+// resident blocks (occupancy measured per kernel, launch.cuh) so that this 256-element
+// sort is paid a few hundred times, not once per quantization block.
+//
+// Few huge blocks (a blocksize of at least the tensor's size, say) would leave that layout
+// with one CUDA block per quantization block, i.e. a handful of multiprocessors doing all
+// the work. Such calls take the grid-wide path instead: the blocks are cut into chunks of
+// kChunk elements spread over the whole grid, a first kernel merges the chunks' maxima
+// into absmax with integer atomicMax (exact and order-independent: non-negative floats
+// order as their bits), and a second one quantizes every chunk with its block's absmax.
 #include <climits>
 
 #include "ceil_div.h"
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace bnbf {
 namespace cuda {
@@ -23,6 +31,8 @@ namespace {
 
 constexpr int kThreads = 256;  // threads per CUDA block; also the map size
 constexpr int kCache = 16;     // elements per thread kept in registers between the passes
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kChunk = (int64_t)kThreads * kCache;  // grid-wide path: elements per chunk
 
 // G: a power of two in [32, kThreads], so a warp never straddles two groups; it grows with
 // the blocksize to give each thread about 4 elements (up to 16 at blocksize 4096).
@@ -30,14 +40,6 @@ int group_size(int64_t blocksize) {
   int g = 32;
   while (g < kThreads && (int64_t)g * 4 < blocksize) g *= 2;
   return g;
-}
-
-// Blocks to launch: enough to fill the GPU once (`per_sm` resident blocks of 256 threads
-// per multiprocessor), never more than there is work for.
-int grid_size(int64_t work_items, int dev, int per_sm) {
-  int64_t cap = (int64_t)sm_count(dev) * per_sm;
-  int64_t g = work_items < cap ? work_items : cap;
-  return (int)(g < 1 ? 1 : (g > INT_MAX ? INT_MAX : g));
 }
 
 struct SharedMap {
@@ -183,8 +185,101 @@ dequantize_kernel(const float* __restrict__ code, const uint8_t* __restrict__ A,
     const float s = absmax[b];
     const uint8_t* a = A + start;
     T* o = out + start;
-    for (int64_t i = lane; i < len; i += group) o[i] = from_f32<T>(__fmul_rn(s_code[a[i]], s));
+    for (int64_t i = lane; i < len; i += group) o[i] = from_f32<T>(mul_x86(s_code[a[i]], s));
   }
+}
+
+// ---- the grid-wide path (few huge blocks) ------------------------------------------------
+// Work unit u is chunk u % chunks of quantization block u / chunks (chunks per block =
+// ceil(blocksize / kChunk)); elements [start, end) of the flattened tensor.
+struct Unit {
+  int64_t block, start, end;
+};
+
+__device__ __forceinline__ Unit unit_of(int64_t u, int64_t chunks, int64_t blocksize, int64_t n) {
+  const int64_t b = u / chunks, k = u % chunks;
+  const int64_t block_end = n - b * blocksize < blocksize ? n : b * blocksize + blocksize;
+  const int64_t start = b * blocksize + k * kChunk;
+  return {b, start, block_end - start < kChunk ? block_end : start + kChunk};
+}
+
+__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
+
+// absmax_bits (zeroed by the caller) gets the max of |x| bits over each block; NaN shows as
+// bits above 0x7F800000 (made canonical by canonical_absmax_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+absmax_units_kernel(const T* __restrict__ A, uint32_t* __restrict__ absmax_bits,
+                    int64_t blocksize, int64_t n, int64_t chunks, int64_t units) {
+  __shared__ uint32_t s_warp[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const Unit w = unit_of(u, chunks, blocksize, n);
+    uint32_t m = 0;
+    for (int64_t i = w.start + threadIdx.x; i < w.end; i += kThreads)
+      m = max(m, abs_bits(to_f32<T>(A[i])));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (lane == 0) s_warp[warp] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < kWarps; ++k) m = max(m, s_warp[k]);
+      if (m) atomicMax(absmax_bits + w.block, m);  // 0 is the initial value already
+    }
+    __syncthreads();  // s_warp is rewritten for the next unit
+  }
+}
+
+__device__ __forceinline__ float absmax_of_bits(uint32_t b) {
+  return b > 0x7F800000u ? __int_as_float(0x7fc00000) : __uint_as_float(b);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+quantize_units_kernel(const float* __restrict__ code, const T* __restrict__ A,
+                      const uint32_t* __restrict__ absmax_bits, uint8_t* __restrict__ out,
+                      int64_t blocksize, int64_t n, int64_t chunks, int64_t units) {
+  __shared__ SharedMap m;
+  __shared__ float s_values[256], s_sorted[256];
+  build_map(code, m, s_values, s_sorted);
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const Unit w = unit_of(u, chunks, blocksize, n);
+    const float amax = absmax_of_bits(absmax_bits[w.block]);
+    const float d = amax == 0.f ? 1.f : amax;
+    for (int64_t i = w.start + threadIdx.x; i < w.end; i += kThreads)
+      out[i] = nearest(m, __fdiv_rn(to_f32<T>(A[i]), d));
+  }
+}
+
+// The NaN absmax of the grid-wide path as the other paths write it (0x7FC00000).
+__global__ void canonical_absmax_kernel(float* __restrict__ absmax, int64_t nblocks) {
+  const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (b < nblocks) absmax[b] = absmax_of_bits(__float_as_uint(absmax[b]));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+dequantize_units_kernel(const float* __restrict__ code, const uint8_t* __restrict__ A,
+                        const float* __restrict__ absmax, T* __restrict__ out,
+                        int64_t blocksize, int64_t n, int64_t chunks, int64_t units) {
+  __shared__ float s_code[256];
+  s_code[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const Unit w = unit_of(u, chunks, blocksize, n);
+    const float s = absmax[w.block];
+    for (int64_t i = w.start + threadIdx.x; i < w.end; i += kThreads)
+      out[i] = from_f32<T>(mul_x86(s_code[A[i]], s));
+  }
+}
+
+// Whether the grid-wide path serves a call: blocks too long for the register cache (the
+// block path reads them twice too) and too few of them to give every resident CUDA block
+// of the block path its own.
+template <auto BlockKernel>
+bool use_units(int64_t blocksize, int64_t nblocks, int dev) {
+  return blocksize > kChunk &&
+         nblocks < (int64_t)sm_count(dev) * blocks_per_sm<BlockKernel>(dev, kThreads);
 }
 
 int check_args(const float* code, const void* A, const float* absmax, const void* out,
@@ -198,12 +293,57 @@ int check_args(const float* code, const void* A, const float* absmax, const void
   return BNBF_OK;
 }
 
-// The device of the four buffers (all must be device memory of one GPU).
-int buffers_device(const void* code, const void* A, const void* absmax, const void* out,
-                   int* dev) {
-  const void* ptrs[4] = {code, A, absmax, out};
-  const char* names[4] = {"code", "A", "absmax", "out"};
-  return common_device(4, ptrs, names, dev);
+// The prologue of the entry points: a valid device made current (launches go to the
+// buffers' GPU, whatever the caller's current device is).
+#define BNBF_ENTER_DEVICE(dev, what)                                          \
+  if (int rc_ = check_device(dev, what)) return rc_;                          \
+  DeviceGuard guard_(dev);                                                    \
+  if (guard_.error() != cudaSuccess) return fail_cuda(guard_.error(), what);
+
+template <typename T>
+int quantize(const float* code, const T* A, float* absmax, uint8_t* out, int64_t blocksize,
+             int64_t n, int dev, cudaStream_t s) {
+  const char* what = "quantize_blockwise";
+  const int64_t nblocks = ceil_div(n, blocksize);
+  if (use_units<quantize_kernel<T>>(blocksize, nblocks, dev)) {
+    const int64_t chunks = ceil_div(blocksize, kChunk), units = nblocks * chunks;
+    uint32_t* bits = reinterpret_cast<uint32_t*>(absmax);  // the maxima as integers first
+    const cudaError_t err = cudaMemsetAsync(bits, 0, (size_t)nblocks * sizeof(float), s);
+    if (err != cudaSuccess) return fail_cuda(err, what);
+    absmax_units_kernel<T><<<grid_for<absmax_units_kernel<T>>(units, dev, kThreads), kThreads, 0,
+                             s>>>(A, bits, blocksize, n, chunks, units);
+    if (int rc = check_launch(what)) return rc;
+    quantize_units_kernel<T><<<grid_for<quantize_units_kernel<T>>(units, dev, kThreads),
+                               kThreads, 0, s>>>(code, A, bits, out, blocksize, n, chunks, units);
+    if (int rc = check_launch(what)) return rc;
+    canonical_absmax_kernel<<<(unsigned)ceil_div(nblocks, kThreads), kThreads, 0, s>>>(absmax,
+                                                                                      nblocks);
+    return check_launch(what);
+  }
+  const int group = group_size(blocksize);
+  const int64_t rounds = ceil_div(nblocks, kThreads / group);
+  quantize_kernel<T><<<grid_for<quantize_kernel<T>>(rounds, dev, kThreads), kThreads, 0, s>>>(
+      code, A, absmax, out, blocksize, n, group);
+  return check_launch(what);
+}
+
+template <typename T>
+int dequantize(const float* code, const uint8_t* A, const float* absmax, T* out,
+               int64_t blocksize, int64_t n, int dev, cudaStream_t s) {
+  const char* what = "dequantize_blockwise";
+  const int64_t nblocks = ceil_div(n, blocksize);
+  if (use_units<dequantize_kernel<T>>(blocksize, nblocks, dev)) {
+    const int64_t chunks = ceil_div(blocksize, kChunk), units = nblocks * chunks;
+    dequantize_units_kernel<T><<<grid_for<dequantize_units_kernel<T>>(units, dev, kThreads),
+                                 kThreads, 0, s>>>(code, A, absmax, out, blocksize, n, chunks,
+                                                   units);
+    return check_launch(what);
+  }
+  const int group = group_size(blocksize);
+  const int64_t rounds = ceil_div(nblocks, kThreads / group);
+  dequantize_kernel<T><<<grid_for<dequantize_kernel<T>>(rounds, dev, kThreads), kThreads, 0,
+                         s>>>(code, A, absmax, out, blocksize, n, group);
+  return check_launch(what);
 }
 
 }  // namespace
@@ -213,46 +353,39 @@ int buffers_device(const void* code, const void* A, const void* absmax, const vo
 using namespace bnbf::cuda;
 using bnbf::ceil_div;
 
+// A block longer than the tensor is the tensor (one block): the kernels then never form
+// b * blocksize for a blocksize near INT64_MAX.
+static int64_t effective_blocksize(int64_t blocksize, int64_t n) {
+  return blocksize < n ? blocksize : n;
+}
+
 BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int dtype,
                                           float* absmax, uint8_t* out, int64_t blocksize,
-                                          int64_t n, void* stream) {
+                                          int64_t n, int device, void* stream) {
   if (int rc = check_args(code, A, absmax, out, dtype, blocksize, n)) return rc;
   if (n == 0) return BNBF_OK;
-  int dev = 0;
-  if (int rc = buffers_device(code, A, absmax, out, &dev)) return rc;
-  DeviceGuard guard(dev);
-  if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "quantize_blockwise: set device");
-  const int group = group_size(blocksize);
-  const int64_t rounds = ceil_div(ceil_div(n, blocksize), kThreads / group);
-  const int grid = grid_size(rounds, dev, 4);  // __launch_bounds__(kThreads, 4)
-  cudaStream_t s = (cudaStream_t)stream;
+  BNBF_ENTER_DEVICE(device, "quantize_blockwise")
+  const int64_t bs = effective_blocksize(blocksize, n);
+  int rc = BNBF_OK;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    quantize_kernel<T><<<grid, kThreads, 0, s>>>(code, (const T*)A, absmax, out, blocksize, n,
-                                                 group);
+    rc = quantize<T>(code, (const T*)A, absmax, out, bs, n, device, (cudaStream_t)stream);
   });
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? BNBF_OK : fail_cuda(err, "quantize_blockwise launch");
+  return rc;
 }
 
 BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
                                             const float* absmax, void* out, int dtype,
-                                            int64_t blocksize, int64_t n, void* stream) {
+                                            int64_t blocksize, int64_t n, int device,
+                                            void* stream) {
   if (int rc = check_args(code, A, absmax, out, dtype, blocksize, n)) return rc;
   if (n == 0) return BNBF_OK;
-  int dev = 0;
-  if (int rc = buffers_device(code, A, absmax, out, &dev)) return rc;
-  DeviceGuard guard(dev);
-  if (guard.error() != cudaSuccess)
-    return fail_cuda(guard.error(), "dequantize_blockwise: set device");
-  const int group = group_size(blocksize);
-  const int64_t rounds = ceil_div(ceil_div(n, blocksize), kThreads / group);
-  const int grid = grid_size(rounds, dev, 8);
-  cudaStream_t s = (cudaStream_t)stream;
+  BNBF_ENTER_DEVICE(device, "dequantize_blockwise")
+  const int64_t bs = effective_blocksize(blocksize, n);
+  int rc = BNBF_OK;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_kernel<T><<<grid, kThreads, 0, s>>>(code, A, absmax, (T*)out, blocksize, n, group);
+    rc = dequantize<T>(code, A, absmax, (T*)out, bs, n, device, (cudaStream_t)stream);
   });
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? BNBF_OK : fail_cuda(err, "dequantize_blockwise launch");
+  return rc;
 }

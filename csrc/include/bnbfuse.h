@@ -7,7 +7,12 @@
  *  - All lengths and indices are int64_t.
  *  - `dtype` is one of BNBF_F32 / BNBF_F16 / BNBF_BF16; all tensors are contiguous.
  *  - CPU entry points take `num_threads` (bnbfuse passes torch.get_num_threads()); CUDA
- *    entry points take the cudaStream_t to launch on, as void*.
+ *    entry points end with `device` and `stream`: the index of the GPU that holds every
+ *    buffer of the call, and the cudaStream_t (of that GPU) to launch on, as void*. The
+ *    library checks that `device` exists and launches there whatever the caller's current
+ *    device is; it does not inspect the buffers (that would cost a driver call per pointer
+ *    and call), so the caller guarantees they are device memory of `device` (bnbfuse's
+ *    Python side checks every tensor's device before the call).
  */
 #ifndef BNBFUSE_H
 #define BNBFUSE_H
@@ -137,10 +142,11 @@ BNBF_API const char* bnbf_cuda_error_string(int error);
 /* ---- blockwise quantization (CUDA) ---- */
 BNBF_API int bnbf_cuda_quantize_blockwise(const float* code, const void* A, int dtype,
                                           float* absmax, uint8_t* out, int64_t blocksize,
-                                          int64_t n, void* stream);
+                                          int64_t n, int device, void* stream);
 BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
                                             const float* absmax, void* out, int dtype,
-                                            int64_t blocksize, int64_t n, void* stream);
+                                            int64_t blocksize, int64_t n, int device,
+                                            void* stream);
 
 /* ---- optimizer updates ----
  * One fused pass per parameter: read p, g (dtype `dtype`, n elements) and the state, write p
@@ -153,6 +159,9 @@ BNBF_API int bnbf_cuda_dequantize_blockwise(const float* code, const uint8_t* A,
  * Norms: out[0] += sum(direction^2), out[1] += sum(p^2) over finite-gradient elements, in
  * double (the caller zeroes out); nothing else is written. */
 #define BNBF_OPTIM_BLOCKSIZE 256
+/* Norms are summed per block, then per group of this many consecutive blocks, then over the
+ * groups in order (csrc/common/norm_order.h), on the CPU and on CUDA alike. */
+#define BNBF_NORM_GROUP_BLOCKS 256
 BNBF_API int bnbf_cpu_optimizer_update_8bit_blockwise(
     int optimizer, void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2,
     float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
@@ -170,23 +179,30 @@ BNBF_API int bnbf_cpu_optimizer_norms_32bit(int optimizer, const void* p, const 
                                             const bnbf_optim_args* args, int64_t n, double* out,
                                             int num_threads);
 
-/* ---- optimizer updates (CUDA): same arguments, the last is the cudaStream_t ---- */
+/* ---- optimizer updates (CUDA): the CPU's arguments, then device and stream ----
+ * The norms also take `scratch`, device memory of at least
+ * 2 * (nblocks + ceil(nblocks / BNBF_NORM_GROUP_BLOCKS)) doubles (nblocks = ceil(n / 256)),
+ * for the per-block partial sums; the caller allocates it (through torch's allocator, so it
+ * is stream-ordered and capturable in CUDA graphs) and keeps it alive until the stream
+ * has run the call. out is device memory too. */
 BNBF_API int bnbf_cuda_optimizer_update_8bit_blockwise(
     int optimizer, void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2,
     float* absmax1, float* absmax2, const float* qmap1, const float* qmap2,
-    const bnbf_optim_args* args, int64_t n, void* stream);
+    const bnbf_optim_args* args, int64_t n, int device, void* stream);
 BNBF_API int bnbf_cuda_optimizer_update_32bit(int optimizer, void* p, const void* g, int dtype,
                                               float* state1, float* state2,
                                               const bnbf_optim_args* args, int64_t n,
-                                              void* stream);
+                                              int device, void* stream);
 BNBF_API int bnbf_cuda_optimizer_norms_8bit_blockwise(
     int optimizer, const void* p, const void* g, int dtype, const uint8_t* state1,
     const uint8_t* state2, const float* absmax1, const float* absmax2, const float* qmap1,
-    const float* qmap2, const bnbf_optim_args* args, int64_t n, double* out, void* stream);
+    const float* qmap2, const bnbf_optim_args* args, int64_t n, double* out, double* scratch,
+    int64_t scratch_len, int device, void* stream);
 BNBF_API int bnbf_cuda_optimizer_norms_32bit(int optimizer, const void* p, const void* g,
                                              int dtype, const float* state1, const float* state2,
                                              const bnbf_optim_args* args, int64_t n,
-                                             double* out, void* stream);
+                                             double* out, double* scratch, int64_t scratch_len,
+                                             int device, void* stream);
 
 /* ---- paged optimizer state (CUDA managed memory) ----
  * bnbf_cuda_paged_alloc: nbytes of managed memory (the driver may evict it to host memory
@@ -223,6 +239,6 @@ BNBF_API int bnbf_cuda_fusion_embedding_lookup(const int64_t* ids, int64_t n, co
                                                int64_t vocab_size, const void* fusion,
                                                int64_t fusion_vocab_size, int64_t embed_dim,
                                                int64_t blocksize, void* out, int dtype,
-                                               void* stream);
+                                               int device, void* stream);
 
 #endif /* BNBFUSE_H */

@@ -502,10 +502,10 @@ def test_cuda_kernel_zero_row_for_bad_id_without_python_checks():
     base, absmax, qmap = base.to(dev), absmax.to(dev), rq.quant_map("int8", dev)
     fn = _native.cuda.lib.bnbf_cuda_fusion_embedding_lookup
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [P, I64, P, I32, P, P, I64, P, I64, I64, I64, P, I32, P]
+    fn.argtypes = [P, I64, P, I32, P, P, I64, P, I64, I64, I64, P, I32, I32, P]
     stream = torch.cuda.current_stream().cuda_stream
     assert fn(ids.data_ptr(), 4, base.data_ptr(), 8, absmax.data_ptr(), qmap.data_ptr(), 10,
-              fusion.data_ptr(), 2, 8, 8, out.data_ptr(), 0, stream) == 0
+              fusion.data_ptr(), 2, 8, 8, out.data_ptr(), 0, ids.device.index, stream) == 0
     torch.cuda.synchronize()
     assert torch.equal(out[1], torch.zeros(8, device=dev))
     assert torch.equal(out[2], torch.zeros(8, device=dev))

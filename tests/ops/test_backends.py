@@ -351,7 +351,7 @@ def test_cuda_c_api_rejects_bad_arguments():
     _cuda_ready()
     lib = _native.cuda
     P, I32, I64 = _native.P, _native.I32, _native.I64
-    q = lib.function("bnbf_cuda_quantize_blockwise", P, P, I32, P, P, I64, I64, P)
+    q = lib.function("bnbf_cuda_quantize_blockwise", P, P, I32, P, P, I64, I64, I32, P)
     code = F.dynamic_map(True, "cuda").contiguous()
     x = torch.randn(100, device="cuda")
     codes = torch.empty(100, dtype=torch.uint8, device="cuda")
@@ -359,16 +359,24 @@ def test_cuda_c_api_rejects_bad_arguments():
     p = [code.data_ptr(), x.data_ptr(), absmax.data_ptr(), codes.data_ptr()]
     err = lambda: lib.bnbf_last_error().decode()  # noqa: E731
     check_cuda_archs(lib.bnbf_cuda_archs().decode())
-    assert q(p[0], p[1], 0, p[2], p[3], 64, 100, None) == 0
+    dev = x.device.index
+    assert q(p[0], p[1], 0, p[2], p[3], 64, 100, dev, None) == 0
     torch.cuda.synchronize()
-    assert q(p[0], p[1], 0, p[2], p[3], 64, -1, None) == -1 and "n must be" in err()
-    assert q(p[0], p[1], 0, p[2], p[3], 0, 100, None) == -1 and "blocksize" in err()
-    assert q(p[0], p[1], 9, p[2], p[3], 64, 100, None) == -1 and "dtype" in err()
-    assert q(p[0], None, 0, p[2], p[3], 64, 100, None) == -1 and "null" in err()
-    host = torch.randn(100)
-    assert q(p[0], host.data_ptr(), 0, p[2], p[3], 64, 100, None) == -1
-    assert "not CUDA device memory" in err()
-    assert q(None, None, 0, None, None, 64, 0, None) == 0
+    assert q(p[0], p[1], 0, p[2], p[3], 64, -1, dev, None) == -1 and "n must be" in err()
+    assert q(p[0], p[1], 0, p[2], p[3], 0, 100, dev, None) == -1 and "blocksize" in err()
+    assert q(p[0], p[1], 9, p[2], p[3], 64, 100, dev, None) == -1 and "dtype" in err()
+    assert q(p[0], None, 0, p[2], p[3], 64, 100, dev, None) == -1 and "null" in err()
+    # The library trusts the device index for the buffers, but never launches on a GPU
+    # that does not exist.
+    for bad in (-1, torch.cuda.device_count()):
+        assert q(p[0], p[1], 0, p[2], p[3], 64, 100, bad, None) == -1
+        assert f"no CUDA device {bad}" in err()
+    assert q(None, None, 0, None, None, 64, 0, dev, None) == 0
+    # Host memory never reaches the library: the Python side refuses it by name.
+    from bnbfuse.backends.native import cuda_tail
+    with pytest.raises(ValueError, match="out is on cpu, but the call runs on cuda"):
+        cuda_tail("quantize_blockwise", x, code=code, out=torch.empty(100, dtype=torch.uint8))
+    assert cuda_tail("quantize_blockwise", x, code=code, out=codes)[0] == dev
 
 
 def test_cuda_library_host_side_checks():
@@ -377,23 +385,24 @@ def test_cuda_library_host_side_checks():
     _cuda_ready()
     lib = _native.cuda
     P, I32, I64 = _native.P, _native.I32, _native.I64
-    q = lib.function("bnbf_cuda_quantize_blockwise", P, P, I32, P, P, I64, I64, P)
-    dq = lib.function("bnbf_cuda_dequantize_blockwise", P, P, P, P, I32, I64, I64, P)
+    q = lib.function("bnbf_cuda_quantize_blockwise", P, P, I32, P, P, I64, I64, I32, P)
+    dq = lib.function("bnbf_cuda_dequantize_blockwise", P, P, P, P, I32, I64, I64, I32, P)
     err = lambda: lib.bnbf_last_error().decode()  # noqa: E731
     check_cuda_archs(lib.bnbf_cuda_archs().decode())
     if _native.cpu.loaded:
         assert lib.bnbf_version().decode() == _native.cpu.bnbf_version().decode()
     fake = 4096  # never dereferenced: every call below fails its checks first
-    assert q(fake, fake, 0, fake, fake, 64, -1, None) == -1 and "n must be >= 0" in err()
-    assert q(fake, fake, 0, fake, fake, 0, 10, None) == -1 and "blocksize" in err()
-    assert q(fake, fake, 3, fake, fake, 64, 10, None) == -1 and "dtype" in err()
-    assert q(None, fake, 0, fake, fake, 64, 10, None) == -1 and "null pointer" in err()
-    assert dq(fake, fake, fake, fake, 0, 64, -2, None) == -1 and "n must be" in err()
-    assert dq(fake, fake, None, fake, 0, 64, 10, None) == -1 and "null pointer" in err()
-    assert q(None, None, 0, None, None, 64, 0, None) == 0
-    assert dq(None, None, None, None, 2, 64, 0, None) == 0
+    assert q(fake, fake, 0, fake, fake, 64, -1, 0, None) == -1 and "n must be >= 0" in err()
+    assert q(fake, fake, 0, fake, fake, 0, 10, 0, None) == -1 and "blocksize" in err()
+    assert q(fake, fake, 3, fake, fake, 64, 10, 0, None) == -1 and "dtype" in err()
+    assert q(None, fake, 0, fake, fake, 64, 10, 0, None) == -1 and "null pointer" in err()
+    assert dq(fake, fake, fake, fake, 0, 64, -2, 0, None) == -1 and "n must be" in err()
+    assert dq(fake, fake, None, fake, 0, 64, 10, 0, None) == -1 and "null pointer" in err()
+    assert q(None, None, 0, None, None, 64, 0, 0, None) == 0
+    assert dq(None, None, None, None, 2, 64, 0, 0, None) == 0
+    # A device index that names no GPU is refused before anything is launched (without a
+    # GPU or driver every index is: BNBF_E_ARG, or BNBF_E_CUDA from counting the devices).
+    assert q(fake, fake, 0, fake, fake, 64, 10, -1, None) == -1 and "no CUDA device -1" in err()
+    assert q(fake, fake, 0, fake, fake, 64, 10, 1 << 20, None) in (-1, -3) and err()
     if not torch.cuda.is_available():
-        # Host memory (or no GPU at all) is refused, never dereferenced.
-        x = torch.randn(10)
-        rc = q(fake, x.data_ptr(), 0, fake, fake, 64, 10, None)
-        assert rc in (-1, -3) and err()
+        assert dq(fake, fake, fake, fake, 0, 64, 10, 0, None) in (-1, -3) and err()

@@ -194,19 +194,29 @@ def test_cuda_optimizer_runs_on_the_tensors_device_and_refuses_host_memory():
     assert bits_equal(pc.cpu(), pr)
     for a, b in zip(sc, sr):
         assert bits_equal(a.cpu(), b)
-    # The C API refuses host buffers by name instead of faulting in the kernel.
+    # A host tensor among CUDA ones is refused by name before any pointer reaches the
+    # library (which takes the device index on trust), and nothing is written.
+    c1, c2, a1, a2 = [t.cuda() for t in state]
+    q1, q2 = maps("cuda")
+    pc = p0.cuda()
+    before = [t.clone() for t in (pc, c1, c2, a1, a2)]
+    for bad in ("g", "state2", "absmax1"):
+        args = dict(g=g.cuda(), state2=c2, absmax1=a1)
+        args[bad] = args[bad].cpu()
+        with pytest.raises(ValueError, match=f"{bad} is on cpu"):
+            ops.optimizer_update_8bit_blockwise("adamw", pc, args["g"], c1, args["state2"],
+                                                args["absmax1"], a2, q1, q2, *hparams(1), 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(before, (pc, c1, c2, a1, a2)))
+    # The C API refuses a device index that names no GPU.
     lib = _native.cuda
     fn = lib.function("bnbf_cuda_optimizer_update_8bit_blockwise", _native.I32, _native.P,
                       _native.P, _native.I32, _native.P, _native.P, _native.P, _native.P,
-                      _native.P, _native.P, _native.P, _native.I64, _native.P)
-    c1, c2, a1, a2 = [t.cuda() for t in state]
-    q1, q2 = maps("cuda")
-    args = _native.OptimizerArgs()
-    host_p = p0.clone()
-    rc = fn(1, host_p.data_ptr(), g.cuda().data_ptr(), 0, c1.data_ptr(), c2.data_ptr(),
-            a1.data_ptr(), a2.data_ptr(), q1.data_ptr(), q2.data_ptr(), ctypes.byref(args), n,
-            None)
-    assert rc == -1 and "p is not CUDA device memory" in lib.bnbf_last_error().decode()
+                      _native.P, _native.P, _native.P, _native.I64, _native.I32, _native.P)
+    oargs = _native.OptimizerArgs(step=1)
+    ptrs = [t.data_ptr() for t in (pc, g.cuda(), c1, c2, a1, a2, q1, q2)]
+    rc = fn(1, ptrs[0], ptrs[1], 0, *ptrs[2:], ctypes.byref(oargs), n,
+            torch.cuda.device_count(), None)
+    assert rc == -1 and "no CUDA device" in lib.bnbf_last_error().decode()
 
 @native
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.quantize import nearest_thresholds, one_block_at_most
+from ...ops.quantize import check_map_has_no_nan, nearest_thresholds, one_block_at_most
 
 
 def quantize_to_map(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,7 @@ def block_divisor(absmax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    check_map_has_no_nan(code)
     n = A.numel()
     x = blocks_of(A, blocksize)
     absmax = x.abs().amax(dim=1) if n else x.new_zeros(0)
@@ -44,6 +45,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          blocksize: int, dtype: torch.dtype):
+    check_map_has_no_nan(code)
     n = A.numel()
     blocksize = one_block_at_most(n, blocksize)
     codes = A.reshape(-1).long()

@@ -21,6 +21,7 @@
 #include "codec.h"
 #include "kernels.h"
 #include "lanes.h"
+#include "norm_order.h"
 #include "optim_rule.h"
 #include "runtime.h"
 #include "state_scale.h"
@@ -165,7 +166,7 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
     }
     SignedMax ext[3];
     update_block<OPT, DT, Q8, NORMS>(r, len, a, c.map1, c.map2, ext);
-    if (NORMS) {
+    if (NORMS) {  // step 1 of norm_order.h: the block's terms in element order
       double sd = 0.0, sp = 0.0;
       for (int64_t i = 0; i < len; ++i) {
         sd += (double)D[i] * (double)D[i];
@@ -223,10 +224,14 @@ bool run(int opt, int dtype, Ctx& c, int num_threads, double* out) {
     });
   });
   if (NORMS && known) {
-    // Summed in block order: the result does not depend on the thread count.
-    for (int64_t b = 0; b < c.nblocks; ++b) {
-      out[0] += partial[2 * b];
-      out[1] += partial[2 * b + 1];
+    // Block partials, then group sums, then the groups in order (norm_order.h): the result
+    // depends neither on the thread count nor, since the CUDA kernels sum the same way, on
+    // the device.
+    for (int64_t grp = 0; grp < norm_groups(c.nblocks); ++grp) {
+      double s[2];
+      norm_group_sum(partial.data(), c.nblocks, grp, s);
+      out[0] += s[0];
+      out[1] += s[1];
     }
   }
   return known;

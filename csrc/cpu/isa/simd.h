@@ -45,7 +45,9 @@ inline float f16_to_f32(uint16_t h) {
   uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
   uint32_t bits;
   if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
+    // inf, or NaN made quiet with its payload kept: what F16C's vcvtph2ps (the vector
+    // bodies) gives, so that tails and the generic build write the same bits.
+    bits = sign | 0x7F800000u | (man << 13) | (man ? 0x00400000u : 0u);
   } else if (exp != 0) {
     bits = sign | ((exp + 112u) << 23) | (man << 13);
   } else if (man == 0) {
@@ -65,7 +67,10 @@ inline uint16_t f32_to_f16(float f) {
   std::memcpy(&b, &f, 4);
   uint32_t sign = (b >> 16) & 0x8000u;
   uint32_t abs = b & 0x7FFFFFFFu;
-  if (abs >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0));
+  // NaN: quiet, with the sign and the top 10 payload bits, as vcvtps2ph (0x7E00 | sign for
+  // the usual NaNs). The CUDA kernels convert the same way (csrc/cuda/common.cuh).
+  if (abs > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));
+  if (abs == 0x7F800000u) return (uint16_t)(sign | 0x7C00u);
   if (abs >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to >= 65520: inf
   if (abs < 0x38800000u) {  // result is subnormal or zero: round man * 2^-24
     float a;
