@@ -23,27 +23,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_cpu_lib = pytest.mark.skipif(not _native.cpu.loaded, reason="native CPU library not built")
 
 
-def cpu_isas():
-    if not _native.cpu.loaded:
-        return []
-    return _native.cpu.bnbf_cpu_isas_compiled().decode().split()
-
-
 def force_isa(name):
     fn = _native.cpu.bnbf_cpu_force_isa
     fn.argtypes = [ctypes.c_char_p]
     fn.restype = ctypes.c_int
     return fn(None if name is None else name.encode())
-
-
-@pytest.fixture(params=cpu_isas() or ["none"])
-def isa(request):
-    if request.param == "none":
-        pytest.skip("native CPU library not built")
-    if force_isa(request.param) != 0:
-        pytest.skip(f"this CPU does not run {request.param}")
-    yield request.param
-    force_isa(None)
 
 
 def clustered_map() -> torch.Tensor:

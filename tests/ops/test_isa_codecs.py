@@ -4,31 +4,13 @@ maps (either sign), a strided sweep of all floats in [2^-31, 1], blocks whose ab
 a power of two (the AVX-512 VBMI path multiplies by 1/absmax and redoes the lanes that land
 near a threshold), subnormals, and every code for dequantization. Paths this CPU cannot run
 are skipped."""
-import ctypes
 
 import pytest
 import torch
 
-from bnbfuse import _native
 from bnbfuse.backends import reference as R
 from bnbfuse.functional import dynamic_map
 from bnbfuse.ops.quantize import nearest_thresholds
-
-ISAS = ["generic", "avx2", "avx512", "avx512vbmi"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not _native.cpu.loaded:
-        pytest.skip("native CPU library not built")
-    fn = _native.cpu.lib.bnbf_cpu_force_isa
-    fn.argtypes = [ctypes.c_char_p]
-    if fn(request.param.encode()) != 0:
-        fn(None)
-        pytest.skip(f"this CPU or build does not run {request.param}")
-    yield request.param
-    fn(None)
-
 
 def _hard_values(code: torch.Tensor) -> torch.Tensor:
     """Every threshold and its 48 float neighbours on each side, of both signs."""

@@ -2,12 +2,10 @@
 scalar tails alike), against the x86 model of tests/ops/nan_cases.py: the contract the CUDA
 kernels reproduce (docs/optimizers.md, "NaN bits"; tests/ops/test_cuda_paths.py compares the
 two devices). The reference kernels are not held to it."""
-import ctypes
 
 import pytest
 import torch
 
-from bnbfuse import _native
 from bnbfuse.functional import dynamic_map
 from bnbfuse.nn import FusionEmbedding  # noqa: F401  (registers the lookup autograd)
 from bnbfuse.ops.rules import RULES
@@ -15,22 +13,6 @@ from bnbfuse.row_quantization import quant_map
 from nan_cases import (F32_NANS, X86_DEFAULT_NAN, bits_of, f32, from_bits, mul_bits,
                        param_with_nans, quiet, store_bits)
 from optimizer_cases import DTYPES, make_state, ops, run_update
-
-ISAS = ["generic", "avx2", "avx512", "avx512vbmi"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not _native.cpu.loaded:
-        pytest.skip("native CPU library not built")
-    fn = _native.cpu.lib.bnbf_cpu_force_isa
-    fn.argtypes = [ctypes.c_char_p]
-    if fn(request.param.encode()) != 0:
-        fn(None)
-        pytest.skip(f"this CPU or build does not run {request.param}")
-    yield request.param
-    fn(None)
-
 
 # Scales of the dequantization tests: NaNs of every kind, infinities, and a finite value.
 SCALES = F32_NANS + [0x7F800000, 0xFF800000, 0x3FC00000]
