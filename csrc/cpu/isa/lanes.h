@@ -146,9 +146,8 @@ struct Lanes<F16> {
   static F16 load(const void* p, int64_t i) { return {load16<DT>(p, i)}; }
   template <int DT>
   static void store(void* p, int64_t i, F16 v) { store16<DT>(p, i, v.v); }
-  static Mask finite(F16 g) {
-    return _mm512_cmp_ps_mask(_mm512_abs_ps(g.v), _mm512_set1_ps(3.40282347e+38f), _CMP_LE_OQ);
-  }
+  // one vfpclassps (NaN of either kind, +inf, -inf) instead of an abs and a compare
+  static Mask finite(F16 g) { return (Mask)~_mm512_fpclass_ps_mask(g.v, 0x99); }
   static Mask both(Mask a, Mask b) { return a & b; }
   static F16 select(Mask m, F16 a, F16 b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
   static AbsAcc abs_init() { return {_mm512_setzero_si512(), _mm512_setzero_si512()}; }

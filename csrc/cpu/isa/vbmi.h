@@ -117,8 +117,9 @@ struct RunRegs {
     for (int h = 0; h < 2; ++h) {
       bound1[h] = _mm512_load_ps(t.bound1 + 16 * h);
       bound2[h] = _mm512_load_ps(t.bound2 + 16 * h);
-      C[h] = _mm512_load_ps(t.C + 16 * h);
-      D[h] = _mm512_load_ps(t.D + 16 * h);
+      // times 2^11 (exact): nearest16's u then carries the flag margin in its low integer bits
+      C[h] = _mm512_mul_ps(_mm512_load_ps(t.C + 16 * h), _mm512_set1_ps(2048.f));
+      D[h] = _mm512_mul_ps(_mm512_load_ps(t.D + 16 * h), _mm512_set1_ps(2048.f));
       run_lo[h] = _mm512_load_si512(t.run_lo + 16 * h);
     }
     zero_index = _mm512_set1_epi32(t.zero_index);
@@ -128,10 +129,12 @@ struct RunRegs {
   }
 };
 
-// Codes of 16 values x (finite, |x| <= about 1 / r): returns the lanes to redo exactly.
+// Code indexes of 16 values x (finite, |x| <= about 1 / r), as dwords; *redo gets the lanes
+// to redo exactly. A negative index means 0: the caller packs with unsigned saturation.
 // NONNEG: the caller knows no x has its sign bit set (a second moment).
 template <bool KEEP_POSITIVE, bool NONNEG>
-inline __mmask16 nearest16(const RunRegs& R, __m512 x, __m512 r, __m128i* codes) {
+inline __attribute__((always_inline)) __m512i nearest16(const RunRegs& R, __m512 x, __m512 r,
+                                                        __mmask16* redo) {
   const __m512 y = _mm512_mul_ps(x, r);
   const __m512i yb = _mm512_castps_si512(y);
   const __m512i mb = NONNEG ? yb : _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF));
@@ -144,29 +147,40 @@ inline __mmask16 nearest16(const RunRegs& R, __m512 x, __m512 r, __m128i* codes)
   __m512i run = _mm512_permutex2var_epi32(R.run_lo[0], e, R.run_lo[1]);
   run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(m, bound1, _CMP_GE_OQ), run, one);
   run = _mm512_mask_add_epi32(run, _mm512_cmp_ps_mask(m, bound2, _CMP_GE_OQ), run, one);
+  // u = 2^11 (m C - D) exactly (C, D scaled in RunRegs; m C - D >= 0, build_runs), rounded to
+  // an integer k: the count is k >> 11 unless m C - D lies within the margin 2^-11 of an
+  // integer. Such lanes have k mod 2^11 in {2046, 2047, 0, 1} and are redone exactly (this
+  // flags every lane the margin needs and as many again); an unflagged lane's k >> 11 is
+  // trunc(m C - D). Integer ops here cost less than a vreduceps, an abs and a float compare
+  // on the FP pipes, which the encoder saturates.
   const __m512 u = _mm512_fmsub_ps(m, _mm512_permutex2var_ps(R.C[0], run, R.C[1]),
                                    _mm512_permutex2var_ps(R.D[0], run, R.D[1]));
-  const __m512i cnt = _mm512_cvttps_epi32(u);  // u >= 0 (build_runs)
-  // u - round(u) in one vreduceps; lanes within the margin of an integer are redone.
-  const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 redo = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0x1p-11f),
-                                            _CMP_LT_OQ);
+  const __m512i k = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i cnt = _mm512_srai_epi32(k, 11);
+  *redo = _mm512_testn_epi32_mask(_mm512_add_epi32(k, _mm512_set1_epi32(2)),
+                                  _mm512_set1_epi32(2044));
   __m512i idx = _mm512_add_epi32(R.zero_index, cnt);
-  if (!NONNEG) {
-    idx = _mm512_mask_sub_epi32(idx, _mm512_movepi32_mask(yb), R.zero_index, cnt);
-    idx = _mm512_max_epi32(idx, _mm512_setzero_si512());
-  }
+  if (!NONNEG) idx = _mm512_mask_sub_epi32(idx, _mm512_movepi32_mask(yb), R.zero_index, cnt);
   if (KEEP_POSITIVE) {
     const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
     if (R.unsigned_like) {  // zero code 0 -> 1 where x > 0
       idx = _mm512_mask_max_epi32(idx, positive, idx, one);
     } else {
+      // a negative idx (read as 0) is never the zero code of a map with zero_index > 0
       const __mmask16 fix = _mm512_cmpeq_epi32_mask(idx, R.zero_code) & positive;
       idx = _mm512_mask_mov_epi32(idx, fix, R.min_positive_code);
     }
   }
-  *codes = _mm512_cvtepi32_epi8(idx);
-  return redo;
+  return idx;
+}
+
+// 64 code bytes in element order from four vectors of 16 dword indexes (negative -> 0):
+// the saturating packs interleave 4-element groups per 128-bit lane, one vpermd undoes it.
+inline __attribute__((always_inline)) __m512i pack_codes64(__m512i a, __m512i b, __m512i c,
+                                                           __m512i d) {
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+  return _mm512_permutexvar_epi32(
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
 }
 
 // quantize_scaled's result, by nearest16 where the map and the block allow it.
@@ -180,10 +194,20 @@ inline void quantize_runs_impl(const QuantMap& m, const float* x, float absmax, 
     out[i] = KEEP_POSITIVE ? m.nearest_keep_positive(x[i] / d, x[i]) : m.nearest(x[i] / d);
   };
   int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __mmask16 redo[4];
+    __m512i idx[4];
+    for (int k = 0; k < 4; ++k)
+      idx[k] = nearest16<KEEP_POSITIVE, NONNEG>(R, _mm512_loadu_ps(x + i + 16 * k), r, &redo[k]);
+    _mm512_storeu_si512(out + i, pack_codes64(idx[0], idx[1], idx[2], idx[3]));
+    const uint64_t all = (uint64_t)redo[0] | (uint64_t)redo[1] << 16 | (uint64_t)redo[2] << 32 |
+                         (uint64_t)redo[3] << 48;
+    for (uint64_t k = all; k; k &= k - 1) exact(i + __builtin_ctzll(k));
+  }
   for (; i + 16 <= n; i += 16) {
-    __m128i codes;
-    const __mmask16 redo = nearest16<KEEP_POSITIVE, NONNEG>(R, _mm512_loadu_ps(x + i), r, &codes);
-    _mm_storeu_si128((__m128i*)(out + i), codes);
+    __mmask16 redo;
+    const __m512i idx = nearest16<KEEP_POSITIVE, NONNEG>(R, _mm512_loadu_ps(x + i), r, &redo);
+    _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtusepi32_epi8(_mm512_max_epi32(idx, _mm512_setzero_si512())));
     for (unsigned k = redo; k; k &= k - 1) exact(i + __builtin_ctz(k));
   }
   for (; i < n; ++i) exact(i);
