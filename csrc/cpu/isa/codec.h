@@ -8,16 +8,40 @@
 namespace bnbf {
 namespace BNBF_ISA_NS {
 
-// out[i] = code index nearest x[i] / absmax (see quantize_scaled). nonnegative: a hint
-// that no x has its sign bit set.
+// Quantizes blocks with one map: out[i] = code index nearest x[i] / absmax (see
+// quantize_scaled). Built once for many blocks, since what the VBMI encoder keeps in
+// registers (RunRegs) costs about as much to set up as a small block to encode.
+// nonnegative: a hint that no x has its sign bit set.
+class BlockEncoder {
+ public:
+  explicit BlockEncoder(const QuantMap& m)
+      : m_(m)
+#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
+        , regs_(m)
+#endif
+  {
+  }
+  void operator()(const float* x, float absmax, uint8_t* out, int64_t n,
+                  bool keep_positive = false, bool nonnegative = false) const {
+#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
+    quantize_fast(m_, regs_, x, absmax, out, n, keep_positive, nonnegative);
+#else
+    (void)nonnegative;
+    quantize_scaled(m_, x, absmax, out, n, keep_positive);
+#endif
+  }
+
+ private:
+  const QuantMap& m_;
+#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
+  RunRegs regs_;
+#endif
+};
+
+// One block: BlockEncoder(m)(x, absmax, out, n, ...)
 inline void encode_block(const QuantMap& m, const float* x, float absmax, uint8_t* out,
                          int64_t n, bool keep_positive = false, bool nonnegative = false) {
-#if defined(BNBF_HAVE_VBMI_PRIMITIVES)
-  quantize_fast(m, x, absmax, out, n, keep_positive, nonnegative);
-#else
-  (void)nonnegative;
-  quantize_scaled(m, x, absmax, out, n, keep_positive);
-#endif
+  BlockEncoder{m}(x, absmax, out, n, keep_positive, nonnegative);
 }
 
 // out[i] = code[c[i]] * absmax

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -147,6 +148,11 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
   uint8_t* codes1 = (uint8_t*)c.s1;
   uint8_t* codes2 = (uint8_t*)c.s2;
   const bnbf_optim_args a = *c.args;  // a local copy: provably not aliased by the stores
+  std::optional<BlockEncoder> encode1, encode2;  // one setup for all blocks of the chunk
+  if constexpr (Q8 && !NORMS) {
+    encode1.emplace(*c.map1);
+    if (T::two_state) encode2.emplace(*c.map2);
+  }
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kOptimBlock, len = std::min(kOptimBlock, c.n - start);
     BlockRefs r{c.p, c.g, start, nullptr, nullptr, nullptr, 0.f, 0.f, 0.f,
@@ -188,19 +194,16 @@ void run_blocks(const Ctx& c, int64_t b0, int64_t b1) {
       const QuantMap &q1 = *c.map1, *q2 = c.map2;
       float m = state_scale(ext[0].pos_bits, ext[0].neg_bits, q1.q_pos, q1.q_neg);
       c.absmax1[b] = m;
-      encode_block(*c.map1, S1, m, codes1 + start, len, T::keep_positive1,
-                   ext[0].neg_bits == 0);
+      (*encode1)(S1, m, codes1 + start, len, T::keep_positive1, ext[0].neg_bits == 0);
       if (T::has_m2) {
         m = state_scale(ext[1].pos_bits, ext[1].neg_bits, q1.q_pos, q1.q_neg);
         c.absmax1[c.nblocks + b] = m;
-        encode_block(*c.map1, S1B, m, codes1 + c.n + start, len, T::keep_positive1,
-                     ext[1].neg_bits == 0);
+        (*encode1)(S1B, m, codes1 + c.n + start, len, T::keep_positive1, ext[1].neg_bits == 0);
       }
       if (T::two_state) {
         m = state_scale(ext[2].pos_bits, ext[2].neg_bits, q2->q_pos, q2->q_neg);
         c.absmax2[b] = m;
-        encode_block(*c.map2, S2, m, codes2 + start, len, T::keep_positive2,
-                     ext[2].neg_bits == 0);
+        (*encode2)(S2, m, codes2 + start, len, T::keep_positive2, ext[2].neg_bits == 0);
       }
     }
   }

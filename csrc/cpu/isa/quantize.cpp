@@ -48,6 +48,7 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
     parallel_for(nblocks, std::max<int64_t>(1, 16384 / blocksize), num_threads,
                  [&](int64_t b0, int64_t b1) {
       alignas(64) float buf[kTile];
+      const BlockEncoder encode(map);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
         if (DT == BNBF_F32 && len <= kTile) {
@@ -57,7 +58,7 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
         if (len <= kTile) {  // convert once (with the absmax); then codes from the tile
           const float m = to_f32_absmax<DT>(A, start, buf, len);
           absmax[b] = m;
-          encode_block(map, buf, m, out + start, len);
+          encode(buf, m, out + start, len);
           continue;
         }
         // Larger blocks: two passes over the (cache-resident) block, absmax then codes.
@@ -72,7 +73,7 @@ void quantize_blockwise(const QuantMap& map, const void* A, int dtype, float* ab
         for (int64_t t = 0; t < len; t += kTile) {
           int64_t tl = std::min(kTile, len - t);
           load_f32<DT>(A, start + t, buf, tl);
-          encode_block(map, buf, m, out + start + t, tl);
+          encode(buf, m, out + start + t, tl);
         }
       }
     });

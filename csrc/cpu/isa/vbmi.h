@@ -35,15 +35,16 @@ inline void dequantize64(const QuantMap& m, const uint8_t* c, __m512 scale, floa
   const __mmask64 valid = TAIL ? (1ull << n) - 1 : ~0ull;  // TAIL: n < 64
   const __m512i raw = TAIL ? _mm512_maskz_loadu_epi8(valid, c) : _mm512_loadu_si512(c);
   const __m512i codes = _mm512_permutexvar_epi8(plane_order(), raw);
-  const __mmask64 high = _mm512_movepi8_mask(codes);
+  const __mmask64 high = _mm512_movepi8_mask(codes), low = ~high;
   __m512i b[4];
   for (int i = 0; i < 4; ++i) {
     const uint8_t* pl = m.planes[i];
-    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), codes,
-                                                _mm512_load_si512(pl + 64));
-    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), codes,
-                                                _mm512_load_si512(pl + 192));
-    b[i] = _mm512_mask_blend_epi8(high, lo, hi);
+    // Two merge-masked permutes, no blend: the first writes the upper half's bytes and
+    // keeps the codes elsewhere, which then index the lower half (vpermi2b reads 7 bits).
+    const __m512i hi = _mm512_mask2_permutex2var_epi8(_mm512_load_si512(pl + 128), codes, high,
+                                                      _mm512_load_si512(pl + 192));
+    b[i] = _mm512_mask2_permutex2var_epi8(_mm512_load_si512(pl), hi, low,
+                                          _mm512_load_si512(pl + 64));
   }
   const __m512i w01lo = _mm512_unpacklo_epi8(b[0], b[1]), w01hi = _mm512_unpackhi_epi8(b[0], b[1]);
   const __m512i w23lo = _mm512_unpacklo_epi8(b[2], b[3]), w23hi = _mm512_unpackhi_epi8(b[2], b[3]);
@@ -185,9 +186,8 @@ inline __attribute__((always_inline)) __m512i pack_codes64(__m512i a, __m512i b,
 
 // quantize_scaled's result, by nearest16 where the map and the block allow it.
 template <bool KEEP_POSITIVE, bool NONNEG>
-inline void quantize_runs_impl(const QuantMap& m, const float* x, float absmax, uint8_t* out,
-                               int64_t n) {
-  const RunRegs R(m);
+inline void quantize_runs_impl(const QuantMap& m, const RunRegs& R, const float* x, float absmax,
+                               uint8_t* out, int64_t n) {
   const float d = absmax;
   const __m512 r = _mm512_set1_ps(1.f / absmax);
   auto exact = [&](int64_t i) {
@@ -214,8 +214,10 @@ inline void quantize_runs_impl(const QuantMap& m, const float* x, float absmax, 
 }
 
 // nonnegative: no x has its sign bit set (the caller tracked it, as the optimizer does).
-inline void quantize_fast(const QuantMap& m, const float* x, float absmax, uint8_t* out,
-                          int64_t n, bool keep_positive = false, bool nonnegative = false) {
+// R: RunRegs(m), built once for many blocks.
+inline void quantize_fast(const QuantMap& m, const RunRegs& R, const float* x, float absmax,
+                          uint8_t* out, int64_t n, bool keep_positive = false,
+                          bool nonnegative = false) {
   // 1 / absmax must be finite and x * (1 / absmax) within about 1: other blocks (zero,
   // tiny, non-finite absmax) take the exact path.
   if (!m.runs.usable || !(absmax >= 0x1p-100f && absmax <= 3.40282347e+38f)) {
@@ -223,11 +225,11 @@ inline void quantize_fast(const QuantMap& m, const float* x, float absmax, uint8
     return;
   }
   if (keep_positive) {
-    if (nonnegative) quantize_runs_impl<true, true>(m, x, absmax, out, n);
-    else quantize_runs_impl<true, false>(m, x, absmax, out, n);
+    if (nonnegative) quantize_runs_impl<true, true>(m, R, x, absmax, out, n);
+    else quantize_runs_impl<true, false>(m, R, x, absmax, out, n);
   } else {
-    if (nonnegative) quantize_runs_impl<false, true>(m, x, absmax, out, n);
-    else quantize_runs_impl<false, false>(m, x, absmax, out, n);
+    if (nonnegative) quantize_runs_impl<false, true>(m, R, x, absmax, out, n);
+    else quantize_runs_impl<false, false>(m, R, x, absmax, out, n);
   }
 }
 
