@@ -35,6 +35,42 @@ def test_embedding_benchmark_tiny(tmp_path, capsys):
     assert "masked routing" in capsys.readouterr().out
 
 
+def test_embedding_benchmark_per_isa_forward_only(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from bnbfuse import _native
+
+    if not _native.cpu.loaded:
+        pytest.skip("native CPU library not built")
+    spec = importlib.util.spec_from_file_location("bench_embedding", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = bnbfuse_cpu_isa()
+    args = mod.parse_args(["--vocab", "300", "--fusion", "4", "--dim", "96", "--tokens", "64",
+                           "--repeats", "2", "--warmup", "0", "--devices", "cpu",
+                           "--forward-only", "--isas", ",".join(mod.ISAS), "--out", str(tmp_path)])
+    data = mod.main(args)
+    assert bnbfuse_cpu_isa() == before  # the automatic choice is back
+    runnable = [i for i in mod.ISAS if f"{i}: left out" not in " ".join(data["notes"])]
+    assert "generic" in runnable
+    rows = {(r["case"], r["isa"]) for r in data["rows"]}
+    fused = [c for c in mod.CASES if c.startswith("FusionEmbedding")]
+    assert rows == {(c, i) for c in fused for i in runnable} | {("nn.Embedding", None),
+                                                                ("masked routing", None)}
+    for r in data["rows"]:
+        assert r["forward_ms"] > 0 and r["fwd_bwd_ms"] is None and r["fwd_bwd_ratio"] is None
+    out = capsys.readouterr().out
+    assert "avx2" in out or "avx2: left out" in " ".join(data["notes"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--isas", "sse9"])
+
+
+def bnbfuse_cpu_isa():
+    import bnbfuse
+
+    return bnbfuse.backend_info()["cpu_isa"]
+
+
 def _run_script(args, tmp_path, timeout=900):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--no-progress"],
