@@ -1,6 +1,6 @@
 """Optimizer step throughput and state memory: bnbfuse 8-bit and 32-bit AdamW beside
-torch.optim.AdamW (fused=True and foreach=True), bitsandbytes AdamW8bit and torchao AdamW8bit
-(when importable), all in one run on the same tensors.
+torch.optim.AdamW (fused=True and foreach=True), bitsandbytes AdamW8bit, torchao AdamW8bit
+and DeepSpeed's DeepSpeedCPUAdam (when importable), all in one run on the same tensors.
 
 Per configuration (size x dtype) every optimizer takes `--warmup` untimed steps on its own
 parameter of that many elements (rounded up to a multiple of 4096, so that every 8-bit
@@ -13,6 +13,12 @@ measured in the same rounds.
 
 bnbfuse is driven through its optimizer classes (``bnbfuse.optim.AdamW8bit`` /
 ``AdamW32bit``), exactly as a user calls it.
+
+DeepSpeedCPUAdam (``pip install deepspeed``, not a dependency of bnbfuse) is the CPU AdamW of
+ZeRO-Offload: fp32 state (also for bf16 parameters), ``adamw_mode=True``. DeepSpeed compiles
+its ``cpu_adam`` op with ninja and a C++ compiler on first use (about a minute, cached in
+``~/.cache/torch_extensions``); that happens before the first configuration, and when it
+fails the contender is left out with a one-line note saying why. Only on ``--device cpu``.
 
     python benchmarks/optimizer_step.py                     # 1M..64M, fp32 and bf16
     python benchmarks/optimizer_step.py --sizes 16 --dtypes fp32 --threads 2
@@ -46,7 +52,10 @@ def bnbfuse_factories():
     ]
 
 
-def contenders(device):
+def contenders(device, wanted=lambda name: True):
+    """(label, factory) of every available contender that ``wanted(label)``, and notes on the
+    ones that are not available. DeepSpeed is probed only when wanted (its first probe
+    compiles an op for a minute)."""
     out = [
         ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS,
                                                            weight_decay=WD, fused=True)),
@@ -68,7 +77,41 @@ def contenders(device):
                     lambda ps: AoAdamW8bit(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)))
     except Exception as err:  # noqa: BLE001
         notes.append(f"torchao not available: {err}")
-    return out, notes
+    if device.type == "cpu" and wanted("DeepSpeedCPUAdam"):
+        factory, why = deepspeed_cpu_adam()
+        if factory is not None:
+            out.append(("DeepSpeedCPUAdam", factory))
+        else:
+            notes.append(f"DeepSpeedCPUAdam not available: {why}")
+    return [c for c in out if wanted(c[0])], notes
+
+
+def deepspeed_cpu_adam():
+    """(factory, None) when DeepSpeed imports and its cpu_adam op loads, else (None, reason).
+
+    The op is loaded (JIT-compiled the first time) here, not in the first timed
+    configuration, so that a build failure is one note instead of one error row per
+    configuration, and the minute of compilation is outside every measurement.
+    """
+    import logging
+    import os
+
+    # Without an accelerator named, DeepSpeed probes for one and warns that it picked the
+    # CPU; name it, the op builder follows the accelerator.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - import or build failure: not available
+        lines = [ln.strip() for ln in f"{type(err).__name__}: {err}".splitlines() if ln.strip()]
+        return None, (lines[0] if lines else type(err).__name__)[:200]
+
+    def factory(ps):
+        return DeepSpeedCPUAdam(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                                adamw_mode=True, fp32_optimizer_states=True)
+    return factory, None
 
 
 def state_bytes(opt) -> int:
@@ -179,10 +222,9 @@ def main(argv=None):
                  f"({bnbfuse.backend_info().get(device.type)}); `python -m bnbfuse` says why")
     sizes = [float(s) for s in args.sizes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]
-    cands, notes = contenders(device)
-    if args.only:
-        keys = [k.strip().lower() for k in args.only.split(",")]
-        cands = [c for c in cands if any(k in c[0].lower() for k in keys)]
+    keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
+    cands, notes = contenders(device, lambda name: not keys or any(k in name.lower()
+                                                                   for k in keys))
     results = []
     configs = [(s, d) for s in sizes for d in dtypes]
     for size, dname in progress(configs, desc="optimizer steps", disable=args.no_progress):

@@ -35,6 +35,42 @@ def test_embedding_benchmark_tiny(tmp_path, capsys):
     assert "masked routing" in capsys.readouterr().out
 
 
+def test_embedding_benchmark_per_isa_forward_only(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from bnbfuse import _native
+
+    if not _native.cpu.loaded:
+        pytest.skip("native CPU library not built")
+    spec = importlib.util.spec_from_file_location("bench_embedding", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = bnbfuse_cpu_isa()
+    args = mod.parse_args(["--vocab", "300", "--fusion", "4", "--dim", "96", "--tokens", "64",
+                           "--repeats", "2", "--warmup", "0", "--devices", "cpu",
+                           "--forward-only", "--isas", ",".join(mod.ISAS), "--out", str(tmp_path)])
+    data = mod.main(args)
+    assert bnbfuse_cpu_isa() == before  # the automatic choice is back
+    runnable = [i for i in mod.ISAS if f"{i}: left out" not in " ".join(data["notes"])]
+    assert "generic" in runnable
+    rows = {(r["case"], r["isa"]) for r in data["rows"]}
+    fused = [c for c in mod.CASES if c.startswith("FusionEmbedding")]
+    assert rows == {(c, i) for c in fused for i in runnable} | {("nn.Embedding", None),
+                                                                ("masked routing", None)}
+    for r in data["rows"]:
+        assert r["forward_ms"] > 0 and r["fwd_bwd_ms"] is None and r["fwd_bwd_ratio"] is None
+    out = capsys.readouterr().out
+    assert "avx2" in out or "avx2: left out" in " ".join(data["notes"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--isas", "sse9"])
+
+
+def bnbfuse_cpu_isa():
+    import bnbfuse
+
+    return bnbfuse.backend_info()["cpu_isa"]
+
+
 def _run_script(args, tmp_path, timeout=900):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--no-progress"],
@@ -113,6 +149,61 @@ def test_optimizer_step_benchmark_tiny(tmp_path):
     assert 2.0 < eight < 2.0 + (8 / 256 + 2048 / numel + 0.001)
     assert 8.0 <= rows[("bnbfuse AdamW32bit", "fp32")]["state_bytes_per_param"] < 8.001
     assert rows[("torch AdamW fused", "fp32")]["vs_torch_fused"] == 1.0
+
+
+def _optimizer_step_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import optimizer_step
+    finally:
+        sys.path.pop(0)
+    return optimizer_step
+
+
+def test_optimizer_step_deepspeed_left_out_with_a_reason(monkeypatch):
+    mod = _optimizer_step_module()
+    # as if not installed (also when an earlier test imported it: its submodules are cached)
+    for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    cands, notes = mod.contenders(torch.device("cpu"))
+    assert "DeepSpeedCPUAdam" not in [name for name, _ in cands]
+    (note,) = [n for n in notes if "DeepSpeedCPUAdam" in n]
+    assert "\n" not in note and "deepspeed" in note.lower()
+    # --only without it: DeepSpeed is not even probed
+    cands, notes = mod.contenders(torch.device("cpu"), lambda name: "fused" in name)
+    assert [name for name, _ in cands] == ["torch AdamW fused"]
+    assert not any("DeepSpeedCPUAdam" in n for n in notes)
+
+
+def test_optimizer_step_deepspeed_contender(tmp_path):
+    pytest.importorskip("tqdm", reason="the benchmarks need the bench extra")
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional contender")
+    mod = _optimizer_step_module()
+    factory, why = mod.deepspeed_cpu_adam()
+    if factory is None:
+        pytest.skip(f"DeepSpeed's cpu_adam op does not load here: {why}")
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--sizes", "0.1", "--dtypes", "fp32,bf16", "--repeats", "2", "--only",
+                  "fused,deepspeed", "--no-progress", "--out", str(tmp_path / "step")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "step.json").read_text())
+    rows = {(r["optimizer"], r["dtype"]): r for r in data["results"]}
+    for dtype in ("fp32", "bf16"):
+        r = rows[("DeepSpeedCPUAdam", dtype)]
+        assert "error" not in r, r
+        assert r["state_bytes_per_param"] == 8.0  # fp32 moments, also for bf16 parameters
+    # the same AdamW step as torch's: a few steps of both land on the same parameters
+    p1, opt1 = mod.make_run(factory, 4096, torch.float32, torch.device("cpu"))
+    p2, opt2 = mod.make_run(lambda ps: torch.optim.AdamW(ps, lr=mod.LR, betas=mod.BETAS,
+                                                         eps=mod.EPS, weight_decay=mod.WD),
+                            4096, torch.float32, torch.device("cpu"))
+    for _ in range(3):
+        opt1.step()
+        opt2.step()
+    torch.testing.assert_close(p1.detach(), p2.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_train_parity_ci(tmp_path):
