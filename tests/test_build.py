@@ -162,6 +162,9 @@ def test_failed_cuda_build_keeps_the_cpu_library(failed_cuda_build):
     src, proc = failed_cuda_build
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "bnbfuse: CUDA library NOT built: CMake configure of bnbfuse_cuda failed" in proc.stderr
+    # the progress lines pip shows on a terminal (stderr here, no terminal)
+    assert "bnbfuse: building the native CPU library in " in proc.stderr
+    assert "bnbfuse: native CPU library built (" in proc.stderr
     assert "CUDA tensors will use the pure-PyTorch reference kernels" in proc.stderr
     lib = src / "bnbfuse" / "lib"
     assert (lib / "libbnbfuse_cpu.so").is_file()
@@ -186,6 +189,7 @@ def test_require_cuda_makes_the_cuda_failure_fatal(failed_cuda_build):
     assert (src / "bnbfuse" / "lib" / "libbnbfuse_cpu.so").is_file()
     # the CPU folder was reused: nothing recompiled
     assert "Building CXX object" not in proc.stdout
+    assert "bnbfuse: native CPU library up to date, reused (" in proc.stderr
     # without BNBFUSE_CUDA_ARCHS the folder's list returns to the default (-U)
     assert cache(src / "build" / "cmake-cuda", "CMAKE_CUDA_ARCHITECTURES") == \
         "75-real;80-real;90-real;100-real;120"  # nvcc version unknown: the full default
