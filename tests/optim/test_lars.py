@@ -37,7 +37,7 @@ def test_lars_clips_the_step_to_max_unorm_times_the_weight_norm():
     opt = bnb.optim.LARS([w], lr=1.0, momentum=0.9, max_unorm=0.01)
     w.grad = torch.randn_like(w) * 100
     opt.step()
-    assert (w.detach() - before).norm() == pytest.approx(0.01 * before.norm(), rel=1e-4)
+    assert (w.detach() - before).norm().item() == pytest.approx(0.01 * before.norm().item(), rel=1e-4)
     # a zero tensor does not move (min(1, 0) = 0), exactly as in bitsandbytes
     assert torch.equal(_run(lambda ps: bnb.optim.LARS32bit(ps, **KW), zero=True),
                        torch.zeros(64, 128))
