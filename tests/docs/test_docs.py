@@ -120,13 +120,24 @@ def test_markdown_code_blocks(path, index, nproc, blocks, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)  # blocks that save files leave nothing in the checkout
     if nproc:
         script = tmp_path / "doc_example.py"
-        script.write_text("\n\n".join(blocks))
+        done = "DOC_CHAIN_COMPLETED_ON_RANK"
+        script.write_text("\n\n".join(blocks) +
+                          f"\n\nimport os\nprint('{done}', os.environ['RANK'], flush=True)\n")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS="1")
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={nproc}", str(script)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        finished = all(f"{done} {rank}" in proc.stdout for rank in range(nproc))
+        # torch's gloo backend can abort a process at interpreter exit, after the script has
+        # run to its end (a gloo worker thread frees a finished work item that holds a Python
+        # object while Python finalizes: "terminate called without an active exception";
+        # pytorch/pytorch#190489). It hit about 1 run in 12 here, with or without
+        # destroy_process_group and a barrier. Only that abort, after every rank printed the
+        # marker, is not the example's failure.
+        teardown_abort = finished and "terminate called without an active exception" in proc.stderr
+        assert proc.returncode == 0 or teardown_abort, \
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return
     namespace = {"__name__": "__docs__"}
     torch.manual_seed(0)
