@@ -122,7 +122,7 @@ def test_markdown_code_blocks(path, index, nproc, blocks, tmp_path, monkeypatch)
         script = tmp_path / "doc_example.py"
         done = "DOC_CHAIN_COMPLETED_ON_RANK"
         script.write_text("\n\n".join(blocks) +
-                          f"\n\nimport os\nprint('{done}', os.environ['RANK'], flush=True)\n")
+                          f"\n\nimport os\nos.write(1, f'{done} {{os.environ[\"RANK\"]}}\\n'.encode())\n")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS="1")
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
