@@ -11,6 +11,14 @@ table shows the median step time as Mparam/s, the optimizer state in bytes per p
 (counted from the state tensors), and the throughput relative to torch's fused AdamW
 measured in the same rounds.
 
+``--tensors K`` splits each size into K parameters of equal size (each a multiple of 4096), as
+a model of many small tensors (LoRA adapters, norms, biases) steps them: the per-parameter
+cost of each optimizer then shows beside its per-element cost.
+
+The table also gives the fastest round (``min ms``): on a shared machine the memory-bound
+torch steps vary more between runs than the compute-bound 8-bit ones, and the minimum tells
+how fast each can be when the machine is quiet.
+
 bnbfuse is driven through its optimizer classes (``bnbfuse.optim.AdamW8bit`` /
 ``AdamW32bit``), exactly as a user calls it.
 
@@ -22,6 +30,7 @@ fails the contender is left out with a one-line note saying why. Only on ``--dev
 
     python benchmarks/optimizer_step.py                     # 1M..64M, fp32 and bf16
     python benchmarks/optimizer_step.py --sizes 16 --dtypes fp32 --threads 2
+    python benchmarks/optimizer_step.py --sizes 1 --dtypes fp32 --tensors 256   # 256 x 4096
 """
 from __future__ import annotations
 
@@ -135,12 +144,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_run(factory, numel, dtype, device):
-    """A parameter with a gradient and its optimizer: the same values for every contender."""
+def make_run(factory, numel, dtype, device, tensors=1):
+    """`tensors` parameters of numel // tensors elements each, with gradients, and their
+    optimizer: the same values for every contender."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(numel, generator=gen).to(device=device, dtype=dtype))
-    p.grad = (torch.randn(numel, generator=gen) * 1e-2).to(device=device, dtype=dtype)
-    return p, factory([p])
+    ps = []
+    for _ in range(tensors):
+        p = torch.nn.Parameter(torch.randn(numel // tensors, generator=gen).to(device=device,
+                                                                               dtype=dtype))
+        p.grad = (torch.randn(numel // tensors, generator=gen) * 1e-2).to(device=device,
+                                                                          dtype=dtype)
+        ps.append(p)
+    return ps, factory(ps)
 
 
 def timed_step(opt, device) -> float:
@@ -151,7 +166,7 @@ def timed_step(opt, device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s):
+def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s, tensors=1):
     """Median step time of every contender for one (size, dtype), measured round-robin.
 
     The timed steps are interleaved (round r steps every contender once) so that a change
@@ -163,7 +178,7 @@ def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s
     runs, rows = {}, {}
     for name, factory in factories:
         try:
-            p, opt = make_run(factory, numel, dtype, device)
+            p, opt = make_run(factory, numel, dtype, device, tensors)
             timed_step(opt, device)  # one-off work, whatever it costs
             slow = timed_step(opt, device) > slow_budget_s
             for _ in range(0 if slow else warmup - 2):
@@ -181,11 +196,11 @@ def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s
     for name, (p, opt, want, times) in runs.items():
         if name in rows:
             continue
-        if not torch.isfinite(p.detach()).all():
+        if not all(torch.isfinite(t.detach()).all() for t in p):
             rows[name] = dict(error="RuntimeError: non-finite parameters after the steps")
             continue
         med = statistics.median(times)
-        rows[name] = dict(seconds=med, mparam_s=numel / med / 1e6,
+        rows[name] = dict(seconds=med, min_seconds=min(times), mparam_s=numel / med / 1e6,
                           state_bytes_per_param=state_bytes(opt) / numel, repeats=len(times))
     return rows
 
@@ -198,6 +213,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--tensors", type=int, default=1,
+                    help="split each size into this many equal parameters (default 1)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated substrings of contender names")
@@ -209,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/optimizer_step",
                     help="path prefix for the .json and .png outputs")
     args = ap.parse_args(argv)
+    if args.tensors < 1:
+        ap.error("--tensors must be >= 1")
 
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -228,20 +247,21 @@ def main(argv=None):
     results = []
     configs = [(s, d) for s in sizes for d in dtypes]
     for size, dname in progress(configs, desc="optimizer steps", disable=args.no_progress):
-        numel = -(-int(size * 1_000_000) // 4096) * 4096
+        per_tensor = -(-int(size * 1_000_000) // (4096 * args.tensors)) * 4096
+        numel = per_tensor * args.tensors
         factories = []
         for name, factory in cands:
             third_party = name.startswith(("bitsandbytes", "torchao"))
             if third_party and device.type == "cpu" and size > args.max_slow_size:
                 results.append(dict(optimizer=name, size_m=size, numel=numel, dtype=dname,
-                                    skipped=f"size above --max-slow-size {args.max_slow_size}M"))
+                                    tensors=args.tensors, skipped=f"size above --max-slow-size {args.max_slow_size}M"))
             else:
                 factories.append((name, factory))
         rows = bench_config(factories, numel, DTYPES[dname], device, args.warmup, args.repeats,
-                            args.slow_budget)
+                            args.slow_budget, args.tensors)
         for name, _ in factories:
             results.append(dict(optimizer=name, size_m=size, numel=numel, dtype=dname,
-                                **rows[name]))
+                                tensors=args.tensors, **rows[name]))
 
     # ratios vs torch fused in the same run
     fused = {(r["size_m"], r["dtype"]): r.get("mparam_s") for r in results
@@ -256,16 +276,18 @@ def main(argv=None):
         machine["gpu"] = torch.cuda.get_device_name(device)
 
     print(f"\nmachine: {machine}")
+    if args.tensors > 1:
+        print(f"each size split into {args.tensors} parameters")
     for n in notes:
         print(f"note: {n}")
     hdr = f"{'size':>6} {'dtype':>5}  {'optimizer':<34} {'Mparam/s':>9} {'ms/step':>9} " \
-          f"{'state B/param':>13} {'vs fused':>8}"
+          f"{'min ms':>8} {'state B/param':>13} {'vs fused':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if "mparam_s" in r:
             print(f"{r['size_m']:>5g}M {r['dtype']:>5}  {r['optimizer']:<34} "
-                  f"{r['mparam_s']:>9.1f} {r['seconds'] * 1e3:>9.2f} "
+                  f"{r['mparam_s']:>9.1f} {r['seconds'] * 1e3:>9.2f} {r['min_seconds'] * 1e3:>8.2f} "
                   f"{r['state_bytes_per_param']:>13.3f} {r.get('vs_torch_fused', float('nan')):>7.2f}x")
         else:
             print(f"{r['size_m']:>5g}M {r['dtype']:>5}  {r['optimizer']:<34} "

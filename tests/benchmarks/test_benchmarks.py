@@ -149,6 +149,35 @@ def test_optimizer_step_benchmark_tiny(tmp_path):
     assert 2.0 < eight < 2.0 + (8 / 256 + 2048 / numel + 0.001)
     assert 8.0 <= rows[("bnbfuse AdamW32bit", "fp32")]["state_bytes_per_param"] < 8.001
     assert rows[("torch AdamW fused", "fp32")]["vs_torch_fused"] == 1.0
+    for r in rows.values():
+        assert r["tensors"] == 1 and 0 < r["min_seconds"] <= r["seconds"]
+
+
+def test_optimizer_step_benchmark_many_tensors(tmp_path):
+    pytest.importorskip("tqdm", reason="the benchmarks need the bench extra")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import optimizer_step
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    try:
+        optimizer_step.main(["--sizes", "0.1", "--dtypes", "fp32", "--repeats", "2",
+                             "--tensors", "5", "--only", "fused,bnbfuse AdamW8bit",
+                             "--no-progress", "--out", str(tmp_path / "step")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["optimizer"]: r for r in json.loads((tmp_path / "step.json").read_text())["results"]}
+    assert set(rows) == {"torch AdamW fused", "bnbfuse AdamW8bit"}
+    # 0.1M over 5 tensors: 5 x 20480 (each rounded up to a multiple of 4096)
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["tensors"] == 5 and r["numel"] == 5 * 20480
+    # the state of all five tensors is counted: codes, absmax and maps of each
+    eight = rows["bnbfuse AdamW8bit"]["state_bytes_per_param"]
+    assert 2.0 < eight < 2.0 + (8 / 256 + 5 * 2048 / (5 * 20480) + 0.001)
+    with pytest.raises(SystemExit):
+        optimizer_step.main(["--tensors", "0"])
 
 
 def _optimizer_step_module():
@@ -196,8 +225,8 @@ def test_optimizer_step_deepspeed_contender(tmp_path):
         assert "error" not in r, r
         assert r["state_bytes_per_param"] == 8.0  # fp32 moments, also for bf16 parameters
     # the same AdamW step as torch's: a few steps of both land on the same parameters
-    p1, opt1 = mod.make_run(factory, 4096, torch.float32, torch.device("cpu"))
-    p2, opt2 = mod.make_run(lambda ps: torch.optim.AdamW(ps, lr=mod.LR, betas=mod.BETAS,
+    (p1,), opt1 = mod.make_run(factory, 4096, torch.float32, torch.device("cpu"))
+    (p2,), opt2 = mod.make_run(lambda ps: torch.optim.AdamW(ps, lr=mod.LR, betas=mod.BETAS,
                                                          eps=mod.EPS, weight_decay=mod.WD),
                             4096, torch.float32, torch.device("cpu"))
     for _ in range(3):
