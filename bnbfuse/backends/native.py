@@ -198,8 +198,10 @@ class NativeBackend:
         self.register("optimizer_norms_32bit", self.optimizer_norms_32bit)
 
     def _maps(self, optimizer, qmap1, qmap2, device):
+        # after _check_8bit, which checked the maps for NaN (check_state_blocks)
         q2 = two_state_only(optimizer, qmap2)
-        return check_code(qmap1, device), None if q2 is None else check_code(q2, device)
+        return (check_code(qmap1, device, nan_checked=True),
+                None if q2 is None else check_code(q2, device, nan_checked=True))
 
     def optimizer_update_8bit_blockwise(self, optimizer, p, g, state1, state2, absmax1, absmax2,
                                         qmap1, qmap2, *hparams_and_scale):

@@ -8,8 +8,9 @@ ties to the larger value: :func:`nearest_thresholds`). ``dequantize_blockwise`` 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .library import lib
 
@@ -54,9 +55,35 @@ def nearest_thresholds(code: torch.Tensor):
     return torch.where(thr.double() < mid, up, thr), order
 
 
-# Maps already found NaN-free: tensor -> (version counter, data pointer) at that check. Keyed
-# by identity (a tensor's == is elementwise) and weakly, so a map that is freed drops out.
-_NAN_FREE_MAPS = WeakIdKeyDictionary()
+class _IdentityCache:
+    """tensor -> value, by identity (a tensor's == is elementwise) and weakly (a freed tensor
+    drops out). A plain dict keyed by id() holds the weak reference beside the value, so a
+    lookup is one dict get and one call; torch's WeakIdKeyDictionary builds a weak reference
+    per lookup, and the optimizers look their two maps up for every parameter at every step."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, t):
+        entry = self._entries.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def __setitem__(self, t, value) -> None:
+        entries, key = self._entries, id(t)
+
+        def drop(ref, key=key):
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:  # not a newer tensor with that id
+                del entries[key]
+
+        entries[key] = (weakref.ref(t, drop), value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Maps already found NaN-free: tensor -> (version counter, data pointer) at that check.
+_NAN_FREE_MAPS = _IdentityCache()
 
 
 def check_map_has_no_nan(code: torch.Tensor, name: str = "the quantization map") -> None:
@@ -103,12 +130,14 @@ def nan_free_copy(code: torch.Tensor, device, copy: bool = False) -> torch.Tenso
     return out
 
 
-def check_code(code: torch.Tensor, device) -> torch.Tensor:
+def check_code(code: torch.Tensor, device, nan_checked: bool = False) -> torch.Tensor:
     """The 256-value map as a contiguous float32 tensor on ``device`` (ValueError if it has
-    another size or holds NaN)."""
+    another size or holds NaN; ``nan_checked``: the caller has just run
+    :func:`check_map_has_no_nan` on it)."""
     if code.numel() != 256:
         raise ValueError(f"the quantization map must have 256 values, got {code.numel()}")
-    check_map_has_no_nan(code)
+    if not nan_checked:
+        check_map_has_no_nan(code)
     return code.to(device=device, dtype=torch.float32).contiguous()
 
 

@@ -113,6 +113,28 @@ def test_functional_copies_of_a_checked_map_are_not_checked_again(monkeypatch):
     assert calls == []
 
 
+def test_the_checked_map_cache_goes_by_identity_and_drops_freed_maps():
+    import gc
+
+    cache = Q._IdentityCache()
+    a, b = torch.zeros(256), torch.zeros(256)  # equal values, different tensors
+    cache[a] = "a"
+    assert cache.get(a) == "a" and cache.get(b) is None
+    cache[a] = "again"  # replacing keeps one entry, and the old reference's death no other
+    assert cache.get(a) == "again" and len(cache) == 1
+    del a
+    gc.collect()
+    assert len(cache) == 0
+    # the module's cache of NaN-free maps lets a freed map go too
+    before = len(Q._NAN_FREE_MAPS)
+    code = F.dynamic_map(True).clone()
+    Q.check_map_has_no_nan(code)
+    assert len(Q._NAN_FREE_MAPS) == before + 1
+    del code
+    gc.collect()
+    assert len(Q._NAN_FREE_MAPS) == before
+
+
 def test_a_map_is_not_checked_inside_torch_compile_tracing():
     # Tracing sees fake tensors: the op's kernel checks the real map when the graph runs.
     assert Q.check_map_has_no_nan(torch.empty(256, device="meta")) is None
