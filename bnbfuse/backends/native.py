@@ -12,7 +12,6 @@ it is checked here to be on that device (:func:`check_one_device`).
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import warnings
 from typing import Callable
@@ -27,15 +26,28 @@ from ..ops.quantize import check_blocksize, check_code
 from ..ops.rules import RULES
 
 
-@contextlib.contextmanager
-def contiguous_in_place(*tensors):
+class contiguous_in_place:
     """Contiguous versions of tensors a kernel writes in place (None stays None); a copy made
-    for a non-contiguous tensor is copied back into it when the block succeeds."""
-    work = [None if t is None else t.contiguous() for t in tensors]
-    yield work
-    for t, w in zip(tensors, work):
-        if t is not None and w.data_ptr() != t.data_ptr():
-            t.copy_(w)
+    for a non-contiguous tensor is copied back into it when the block succeeds.
+
+    A class rather than a generator context manager: it is entered once per parameter per
+    optimizer step, and contextlib's machinery costs a few microseconds there."""
+
+    __slots__ = ("tensors", "work")
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def __enter__(self):
+        self.work = [None if t is None else t.contiguous() for t in self.tensors]
+        return self.work
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            for t, w in zip(self.tensors, self.work):
+                if t is not None and w is not t and w.data_ptr() != t.data_ptr():
+                    t.copy_(w)
+        return False
 
 
 def check_one_device(what: str, device: torch.device, **tensors) -> None:
@@ -62,6 +74,9 @@ def _contiguous_or_none(t):
     return None if t is None else t.contiguous()
 
 
+_PLAIN_SCALARS = frozenset((int, float, bool))
+
+
 class OptimizerArgsCache:
     """The ``bnbf_optim_args`` struct of recent (optimizer, hyper-parameters, update_scale).
 
@@ -76,7 +91,7 @@ class OptimizerArgsCache:
 
     def get(self, optimizer: str, hparams: KernelHyperparams, update_scale: float = 1.0):
         key = (optimizer, *hparams, update_scale)
-        if not all(type(v) in (int, float, bool) for v in key[1:]):  # e.g. tensor lr: no key
+        if not _PLAIN_SCALARS.issuperset(map(type, key[1:])):  # e.g. tensor lr: no key
             return ctypes.byref(self._build(optimizer, hparams, update_scale))
         args = self.entries.get(key)
         if args is None:
