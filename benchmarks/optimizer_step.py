@@ -178,25 +178,25 @@ def bench_config(factories, numel, dtype, device, warmup, repeats, slow_budget_s
     runs, rows = {}, {}
     for name, factory in factories:
         try:
-            p, opt = make_run(factory, numel, dtype, device, tensors)
+            ps, opt = make_run(factory, numel, dtype, device, tensors)
             timed_step(opt, device)  # one-off work, whatever it costs
             slow = timed_step(opt, device) > slow_budget_s
             for _ in range(0 if slow else warmup - 2):
                 timed_step(opt, device)
-            runs[name] = (p, opt, 1 if slow else repeats, [])
+            runs[name] = (ps, opt, 1 if slow else repeats, [])
         except Exception as err:  # noqa: BLE001 - report and continue with the others
             rows[name] = dict(error=f"{type(err).__name__}: {err}"[:300])
     for r in range(repeats):
-        for name, (p, opt, want, times) in runs.items():
+        for name, (ps, opt, want, times) in runs.items():
             if r < want and name not in rows:  # a contender that failed is not stepped again
                 try:
                     times.append(timed_step(opt, device))
                 except Exception as err:  # noqa: BLE001
                     rows[name] = dict(error=f"{type(err).__name__}: {err}"[:300])
-    for name, (p, opt, want, times) in runs.items():
+    for name, (ps, opt, want, times) in runs.items():
         if name in rows:
             continue
-        if not all(torch.isfinite(t.detach()).all() for t in p):
+        if not all(torch.isfinite(p.detach()).all() for p in ps):
             rows[name] = dict(error="RuntimeError: non-finite parameters after the steps")
             continue
         med = statistics.median(times)
@@ -254,7 +254,8 @@ def main(argv=None):
             third_party = name.startswith(("bitsandbytes", "torchao"))
             if third_party and device.type == "cpu" and size > args.max_slow_size:
                 results.append(dict(optimizer=name, size_m=size, numel=numel, dtype=dname,
-                                    tensors=args.tensors, skipped=f"size above --max-slow-size {args.max_slow_size}M"))
+                                    tensors=args.tensors,
+                                    skipped=f"size above --max-slow-size {args.max_slow_size}M"))
             else:
                 factories.append((name, factory))
         rows = bench_config(factories, numel, DTYPES[dname], device, args.warmup, args.repeats,
