@@ -138,6 +138,8 @@ def check_code(code: torch.Tensor, device, nan_checked: bool = False) -> torch.T
         raise ValueError(f"the quantization map must have 256 values, got {code.numel()}")
     if not nan_checked:
         check_map_has_no_nan(code)
+    if code.dtype == torch.float32 and code.device == device and code.is_contiguous():
+        return code  # the common case, per parameter per step: no dispatcher round trip
     return code.to(device=device, dtype=torch.float32).contiguous()
 
 
