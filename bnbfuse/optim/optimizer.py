@@ -312,8 +312,11 @@ class Optimizer8bit(torch.optim.Optimizer):
                                f"of shape {tuple(state['state1'].shape)}: it changed shape "
                                "after its state was created; drop the old state with "
                                "`del optimizer.state[param]` (or build a new optimizer)")
-        step = state["step"] = state8bit.step_count(
-            state["step"], f"{name}: state of a parameter of shape {tuple(p_local.shape)}") + 1
+        step = state["step"]
+        if type(step) is not int or not 0 <= step < 2**63 - 1:  # (an int: no message to build)
+            step = state8bit.step_count(
+                step, f"{name}: state of a parameter of shape {tuple(p_local.shape)}")
+        step = state["step"] = step + 1
         if p.numel() == 0:
             return
         if "gnorm_vec" not in state and cfg["percentile_clipping"] < 100:
