@@ -53,8 +53,8 @@ class ThreadPool {
     if (!busy.owns_lock()) return false;
     ensure_workers(nworkers);
     {
-      // task_ and active_ are written before the release increment that publishes them;
-      // a worker reads them after an acquire load that sees the new generation.
+      // Workers read the generation, task_ and active_ together under mu_ (loop()); the
+      // atomic generation only ends their spin.
       std::lock_guard<std::mutex> lk(mu_);
       task_ = &task;
       active_ = nworkers;
@@ -93,9 +93,7 @@ class ThreadPool {
       if (g == seen) {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        g = generation_.load(std::memory_order_acquire);
       }
-      (void)g;
       const std::function<void(int)>* task;
       {
         // The generation and the job's fields together, under the lock: an inactive worker

@@ -121,23 +121,32 @@ def test_memory_benchmark_tiny(tmp_path):
     assert (tmp_path / "memory_tiny.png").exists() == _have("matplotlib")
 
 
-def test_optimizer_step_benchmark_tiny(tmp_path):
-    pytest.importorskip("tqdm", reason="the benchmarks need the bench extra")
+def _optimizer_step_module():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import optimizer_step
     finally:
         sys.path.pop(0)
-    numel = 102_400  # 0.1M rounded up to a multiple of 4096
+    return optimizer_step
+
+
+def _run_optimizer_step(tmp_path, *args) -> list:
+    """benchmarks/optimizer_step.py's main() with these arguments; its JSON results."""
+    pytest.importorskip("tqdm", reason="the benchmarks need the bench extra")
+    mod = _optimizer_step_module()
     threads = torch.get_num_threads()  # main() sets --threads
     try:
-        optimizer_step.main(["--sizes", "0.1", "--dtypes", "fp32,bf16", "--repeats", "3",
-                             "--only", "fused,bnbfuse", "--no-progress",
-                             "--out", str(tmp_path / "step")])
+        mod.main([*args, "--no-progress", "--out", str(tmp_path / "step")])
     finally:
         torch.set_num_threads(threads)
-    data = json.loads((tmp_path / "step.json").read_text())
-    rows = {(r["optimizer"], r["dtype"]): r for r in data["results"]}
+    return json.loads((tmp_path / "step.json").read_text())["results"]
+
+
+def test_optimizer_step_benchmark_tiny(tmp_path):
+    numel = 102_400  # 0.1M rounded up to a multiple of 4096
+    results = _run_optimizer_step(tmp_path, "--sizes", "0.1", "--dtypes", "fp32,bf16",
+                                  "--repeats", "3", "--only", "fused,bnbfuse")
+    rows = {(r["optimizer"], r["dtype"]): r for r in results}
     assert set(rows) == {(o, d) for o in ("torch AdamW fused", "bnbfuse AdamW8bit",
                                           "bnbfuse AdamW32bit") for d in ("fp32", "bf16")}
     for (name, dtype), r in rows.items():
@@ -154,20 +163,9 @@ def test_optimizer_step_benchmark_tiny(tmp_path):
 
 
 def test_optimizer_step_benchmark_many_tensors(tmp_path):
-    pytest.importorskip("tqdm", reason="the benchmarks need the bench extra")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import optimizer_step
-    finally:
-        sys.path.pop(0)
-    threads = torch.get_num_threads()
-    try:
-        optimizer_step.main(["--sizes", "0.1", "--dtypes", "fp32", "--repeats", "2",
-                             "--tensors", "5", "--only", "fused,bnbfuse AdamW8bit",
-                             "--no-progress", "--out", str(tmp_path / "step")])
-    finally:
-        torch.set_num_threads(threads)
-    rows = {r["optimizer"]: r for r in json.loads((tmp_path / "step.json").read_text())["results"]}
+    results = _run_optimizer_step(tmp_path, "--sizes", "0.1", "--dtypes", "fp32", "--repeats",
+                                  "2", "--tensors", "5", "--only", "fused,bnbfuse AdamW8bit")
+    rows = {r["optimizer"]: r for r in results}
     assert set(rows) == {"torch AdamW fused", "bnbfuse AdamW8bit"}
     # 0.1M over 5 tensors: 5 x 20480 (each rounded up to a multiple of 4096)
     for r in rows.values():
@@ -177,16 +175,7 @@ def test_optimizer_step_benchmark_many_tensors(tmp_path):
     eight = rows["bnbfuse AdamW8bit"]["state_bytes_per_param"]
     assert 2.0 < eight < 2.0 + (8 / 256 + 5 * 2048 / (5 * 20480) + 0.001)
     with pytest.raises(SystemExit):
-        optimizer_step.main(["--tensors", "0"])
-
-
-def _optimizer_step_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import optimizer_step
-    finally:
-        sys.path.pop(0)
-    return optimizer_step
+        _optimizer_step_module().main(["--tensors", "0"])
 
 
 def test_optimizer_step_deepspeed_left_out_with_a_reason(monkeypatch):
@@ -212,14 +201,9 @@ def test_optimizer_step_deepspeed_contender(tmp_path):
     factory, why = mod.deepspeed_cpu_adam()
     if factory is None:
         pytest.skip(f"DeepSpeed's cpu_adam op does not load here: {why}")
-    threads = torch.get_num_threads()
-    try:
-        mod.main(["--sizes", "0.1", "--dtypes", "fp32,bf16", "--repeats", "2", "--only",
-                  "fused,deepspeed", "--no-progress", "--out", str(tmp_path / "step")])
-    finally:
-        torch.set_num_threads(threads)
-    data = json.loads((tmp_path / "step.json").read_text())
-    rows = {(r["optimizer"], r["dtype"]): r for r in data["results"]}
+    results = _run_optimizer_step(tmp_path, "--sizes", "0.1", "--dtypes", "fp32,bf16",
+                                  "--repeats", "2", "--only", "fused,deepspeed")
+    rows = {(r["optimizer"], r["dtype"]): r for r in results}
     for dtype in ("fp32", "bf16"):
         r = rows[("DeepSpeedCPUAdam", dtype)]
         assert "error" not in r, r

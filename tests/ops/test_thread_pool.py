@@ -24,6 +24,14 @@ def _quantize_all(xs, rounds):
     return [F.quantize_blockwise(x, blocksize=256) for _ in range(rounds) for x in xs]
 
 
+def _assert_matches(got, want):
+    """got: rounds of results over the inputs; want: one round, single-threaded."""
+    for i, (codes, state) in enumerate(got):
+        ref_codes, ref_state = want[i % len(want)]
+        assert torch.equal(codes, ref_codes)
+        assert torch.equal(state.absmax, ref_state.absmax)
+
+
 @pytest.fixture
 def threads():
     old = torch.get_num_threads()
@@ -37,11 +45,7 @@ def test_back_to_back_parallel_calls_match_one_thread(threads, num_threads):
     torch.set_num_threads(1)
     want = _quantize_all(xs, 1)
     torch.set_num_threads(num_threads)  # 3 and 8: more workers than this machine's cores
-    got = _quantize_all(xs, 40)
-    for i, (codes, state) in enumerate(got):
-        ref_codes, ref_state = want[i % len(xs)]
-        assert torch.equal(codes, ref_codes)
-        assert torch.equal(state.absmax, ref_state.absmax)
+    _assert_matches(_quantize_all(xs, 40), want)
 
 
 def test_concurrent_python_threads_match_one_thread(threads):
@@ -63,8 +67,6 @@ def test_concurrent_python_threads_match_one_thread(threads):
     for w in workers:
         w.join(timeout=300)
     assert not errors and all(not w.is_alive() for w in workers)
+    assert len(results) == len(workers)
     for got in results.values():
-        for i, (codes, state) in enumerate(got):
-            ref_codes, ref_state = want[i % len(xs)]
-            assert torch.equal(codes, ref_codes)
-            assert torch.equal(state.absmax, ref_state.absmax)
+        _assert_matches(got, want)
